@@ -1,0 +1,77 @@
+"""Lowering Relax to scheduled TIR, and building the library (see DESIGN.md, "Codegen").
+
+The lowering passes are pipeline entries (so they are dumped like any other pass); what follows
+them (dataflow lowering, memory planning, VM code generation) runs inside `tvm.compile`.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+from tvm.s_tir import dlight as dl
+
+from graft.passes.pipeline import Entry, entry
+from graft.runtime.errors import BuildError
+
+
+def schedule_rules(target: tvm.target.Target):
+    if target.kind.name == "cuda":
+        return [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+                dl.gpu.Fallback()]
+    return [dl.cpu.GEMV(), dl.cpu.Reduction()]
+
+
+def lowering_entries(target: tvm.target.Target) -> list[Entry]:
+    """Legalize Relax ops into TIR, fuse, and schedule the kernels for the target."""
+    return [
+        # library dispatch for sampling and sort/scan ops (TVM's CPU/GPU backends)
+        entry("dispatch_sampling", relax.backend.DispatchSampling()),
+        entry("dispatch_sort_scan", relax.backend.DispatchSortScan()),
+        # Relax ops become TIR PrimFuncs
+        entry("legalize_ops", relax.transform.LegalizeOps()),
+        entry("annotate_tir_op_pattern", relax.transform.AnnotateTIROpPattern()),
+        entry("fold_constant", relax.transform.FoldConstant()),
+        # fuse element-wise epilogues into their producers
+        entry("fuse_ops", relax.transform.FuseOps()),
+        entry("fuse_tir", relax.transform.FuseTIR()),
+        entry("dead_code_elimination", relax.transform.DeadCodeElimination()),
+        # schedule the TIR kernels for the target
+        entry("schedule", dl.ApplyDefaultSchedule(*schedule_rules(target)),
+              rules=[type(r).__name__ for r in schedule_rules(target)]),
+    ]
+
+
+def _finalize_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    passes = [
+        relax.transform.RewriteDataflowReshape(),
+        relax.transform.ToNonDataflow(),
+        relax.transform.RemovePurityChecking(),
+        relax.transform.CallTIRRewrite(),
+        relax.transform.StaticPlanBlockMemory(),
+    ]
+    if target.kind.name == "cuda":
+        passes.append(relax.transform.RewriteCUDAGraph())
+    passes += [
+        relax.transform.LowerAllocTensor(),
+        relax.transform.KillAfterLastUse(),
+        relax.transform.LowerRuntimeBuiltin(),
+        relax.transform.ComputePrimValue(),
+        relax.transform.VMShapeLower(),
+        relax.transform.AttachGlobalSymbol(),
+    ]
+    return tvm.transform.Sequential(passes)
+
+
+def build(mod: tvm.IRModule, target: tvm.target.Target):
+    """Generate code for a lowered, scheduled module. Returns a relax VM executable."""
+    try:
+        with target:
+            return tvm.compile(mod, target=target, relax_pipeline=_finalize_pipeline(target))
+    except Exception as err:
+        text = str(err).strip().splitlines()
+        raise BuildError(f"TVM could not build the module for {target.kind.name}: "
+                         f"{type(err).__name__}: {text[-1] if text else ''}") from err
+
+
+def export_library(executable, path: str) -> None:
+    executable.export_library(path)

@@ -1,0 +1,112 @@
+"""What a frontend hands to the compiler: a Relax module with detached parameters and the
+signature of each function."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from graft.runtime.signature import TensorSpec
+
+
+@dataclass
+class FunctionSignature:
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    params: list[str]  # names into ImportedModel.params, in the order the function takes them
+
+    def to_json(self) -> dict:
+        return {"inputs": [s.to_json() for s in self.inputs],
+                "outputs": [s.to_json() for s in self.outputs],
+                "params": list(self.params)}
+
+
+@dataclass
+class ImportedModel:
+    mod: tvm.IRModule
+    params: dict[str, np.ndarray]
+    signatures: dict[str, FunctionSignature]
+    source: dict = field(default_factory=dict)  # what was imported, for the manifest
+    example_inputs: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+
+def dim_text(dim, renames: dict[str, str]) -> int | str:
+    """A Relax shape dim as a signature dim: an int, or the name of a symbolic dim."""
+    if isinstance(dim, (int, tvm.tirx.IntImm)):
+        return int(dim)
+    if isinstance(dim, tvm.tirx.Var):
+        return renames.get(dim.name, dim.name)
+    text = str(dim)
+    for old, new in renames.items():
+        text = text.replace(old, new)
+    return text
+
+
+def struct_info_specs(sinfo, names: list[str], renames: dict[str, str]) -> list[TensorSpec]:
+    """Flatten a (tuple of) tensor struct info into specs, naming them from `names`."""
+    leaves = []
+
+    def walk(si):
+        if isinstance(si, relax.TupleType):
+            for field_si in si.fields:
+                walk(field_si)
+        else:
+            leaves.append(si)
+
+    walk(sinfo)
+    specs = []
+    for i, si in enumerate(leaves):
+        name = names[i] if i < len(names) else f"output{i}"
+        if isinstance(si, relax.TensorType) and si.shape is not None \
+                and isinstance(si.shape, relax.ShapeExpr):
+            shape = [dim_text(d, renames) for d in si.shape.values]
+            specs.append(TensorSpec(name, shape, str(si.dtype)))
+        elif isinstance(si, relax.TensorType):
+            specs.append(TensorSpec(name, ["?"] * max(si.ndim, 0), str(si.dtype)))
+        else:
+            specs.append(TensorSpec(name, [], str(si)))
+    return specs
+
+
+def detach(mod: tvm.IRModule, input_names: dict[str, list[str]], output_names: dict[str, list[str]],
+           renames: dict[str, str] | None = None) -> tuple[tvm.IRModule, dict, dict]:
+    """Detach parameters (`relax.frontend.detach_params`) and name them; build signatures.
+
+    Parameters are named by their Relax variable names; functions that take a parameter of the
+    same name and value share one stored array.
+    """
+    renames = renames or {}
+    mod, detached = relax.frontend.detach_params(mod)
+    params: dict[str, np.ndarray] = {}
+    signatures = {}
+    for gv, func in mod.functions_items():
+        if not isinstance(func, relax.Function):
+            continue
+        name = gv.name_hint
+        num_input = int(func.attrs["num_input"]) if func.attrs and "num_input" in func.attrs \
+            else len(func.params)
+        values = detached.get(name, [])
+        param_vars = list(func.params[num_input:])
+        assert len(param_vars) == len(values), (name, len(param_vars), len(values))
+        param_names = []
+        for var, value in zip(param_vars, values):
+            array = value.numpy()
+            pname = var.name
+            suffix = 1
+            while pname in params and not _same(params[pname], array):
+                pname, suffix = f"{var.name}_{suffix}", suffix + 1
+            params[pname] = array
+            param_names.append(pname)
+        inputs = struct_info_specs(
+            relax.TupleType([v.ty for v in func.params[:num_input]]),
+            input_names.get(name) or [v.name for v in func.params[:num_input]], renames)
+        outputs = struct_info_specs(func.ret_ty, output_names.get(name, []), renames)
+        signatures[name] = FunctionSignature(inputs, outputs, param_names)
+    return mod, params, signatures
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b)

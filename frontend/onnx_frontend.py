@@ -1,0 +1,186 @@
+"""ONNX → Relax: a path or an onnx.ModelProto, with optional input specs."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import threading
+from pathlib import Path
+
+from graft.frontend.imported import ImportedModel, detach
+from graft.runtime.errors import GraftError, InputSpecError, ModelLoadError, \
+    UnsupportedOperatorError
+from graft.runtime.signature import TensorSpec, parse_spec
+
+HOW_TO_ADD_A_CONVERTER = (
+    "Supply a converter with graft.compile(..., converters={'<OpType>': fn}), where "
+    "fn(bb, inputs, attrs) returns a relax.Expr (see README, 'Unsupported operators')")
+
+_ONNX_DTYPES = {1: "float32", 2: "uint8", 3: "int8", 5: "int16", 6: "int32", 7: "int64",
+                9: "bool", 10: "float16", 11: "float64", 16: "bfloat16"}
+
+_convert_map_lock = threading.Lock()
+
+
+def load_onnx(model):
+    """Read and check an ONNX model; errors name the file and what is wrong with it."""
+    import onnx
+
+    if isinstance(model, onnx.ModelProto):
+        where = "the ONNX model"
+    else:
+        path = Path(model)
+        where = repr(str(path))
+        if not path.is_file():
+            raise ModelLoadError(f"model file {where} does not exist")
+        try:
+            model = onnx.load(str(path))
+        except Exception as err:
+            raise ModelLoadError(f"{where} is not a readable ONNX model (truncated or corrupt?): "
+                                 f"{type(err).__name__}: {_first_line(err)}") from None
+    if not model.graph.node and not model.graph.output:
+        raise ModelLoadError(f"{where} holds no graph: empty, truncated or not an ONNX file")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as err:
+        raise ModelLoadError(f"{where} fails onnx.checker: {_first_line(err)}") from None
+    return model
+
+
+def input_specs_of(model, specs: list | None) -> list[TensorSpec]:
+    """The graph inputs (initializers excluded), overridden by user specs by name."""
+    initializers = {init.name for init in model.graph.initializer}
+    graph_inputs = [i for i in model.graph.input if i.name not in initializers]
+    given = {}
+    for spec in specs or []:
+        spec = parse_spec(spec) if isinstance(spec, str) else spec
+        given[spec.name] = spec
+    names = [i.name for i in graph_inputs]
+    unknown = [n for n in given if n not in names]
+    if unknown:
+        raise InputSpecError(f"input spec names {', '.join(map(repr, unknown))}, which the model "
+                             f"does not have; its inputs are {', '.join(names)}")
+    result = []
+    for info in graph_inputs:
+        if info.name in given:
+            result.append(given[info.name])
+            continue
+        tensor_type = info.type.tensor_type
+        dtype = _ONNX_DTYPES.get(tensor_type.elem_type)
+        if dtype is None:
+            raise InputSpecError(f"input {info.name!r} has ONNX element type "
+                                 f"{tensor_type.elem_type}, which graft does not take")
+        shape = []
+        for axis, dim in enumerate(tensor_type.shape.dim):
+            if dim.HasField("dim_value"):
+                shape.append(int(dim.dim_value))
+            elif dim.dim_param:
+                shape.append(_dim_name(dim.dim_param))
+            else:
+                raise InputSpecError(
+                    f"input {info.name!r} dim {axis} has no size or name: give it with --input "
+                    f"{info.name}:SHAPE:{dtype}")
+        result.append(TensorSpec(info.name, shape, dtype))
+    return result
+
+
+def import_onnx(model, input_specs=None, *, converters=None) -> ImportedModel:
+    import onnx
+    from tvm import tirx
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from graft.frontend import onnx_fixes
+
+    model = load_onnx(model)
+    specs = input_specs_of(model, input_specs)
+    model = onnx_fixes.apply(model, specs)
+    check_supported(model, converters)
+    dim_vars: dict[str, tirx.Var] = {}
+    shape_dict = {s.name: [d if isinstance(d, int) else dim_vars.setdefault(d, tirx.Var(d, "int64"))
+                           for d in s.shape] for s in specs}
+    dtype_dict = {s.name: s.dtype for s in specs}
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=None)
+    printed = io.StringIO()
+    try:
+        with _extra_converters(converters), contextlib.redirect_stdout(printed):
+            mod = from_onnx(model, shape_dict, dtype_dict, opset=opset, keep_params_in_input=True,
+                            sanitize_input_names=False)
+    except GraftError:
+        raise
+    except Exception as err:
+        where = printed.getvalue().strip().splitlines()
+        context = f" ({where[-1].split(', with inputs')[0]})" if where else ""
+        raise GraftError(f"ONNX import failed{context}: {type(err).__name__}: "
+                         f"{_first_line(err)}") from err
+    input_names = [s.name for s in specs]
+    output_names = [o.name for o in model.graph.output]
+    mod, params, signatures = detach(mod, {"main": input_names}, {"main": output_names})
+    sig = signatures["main"]
+    for spec, given in zip(sig.inputs, specs):  # keep the user's dim names and dtypes
+        spec.shape, spec.dtype = list(given.shape), given.dtype
+    return ImportedModel(mod, params, signatures, source={"frontend": "onnx", "opset": opset,
+                                                          "ir_version": model.ir_version})
+
+
+def check_supported(model, converters) -> None:
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    known = set(onnx_frontend._get_convert_map()) | {"If", "Constant"} | set(converters or ())
+    missing: dict[str, list[str]] = {}
+    for index, node in enumerate(model.graph.node):
+        if node.op_type not in known or node.domain not in ("", "ai.onnx"):
+            key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+            if node.domain not in ("", "ai.onnx") and node.op_type in known and \
+                    node.op_type in (converters or {}):
+                continue
+            missing.setdefault(key, []).append(node.name or f"node #{index}")
+    if missing:
+        raise UnsupportedOperatorError(missing, HOW_TO_ADD_A_CONVERTER)
+
+
+@contextlib.contextmanager
+def _extra_converters(converters):
+    """Make user converters visible to TVM's importer (it has no custom_convert_map for ONNX)."""
+    if not converters:
+        yield
+        return
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    class_map = {op: _converter_class(op, fn) for op, fn in converters.items()}
+    with _convert_map_lock:
+        original = onnx_frontend._get_convert_map
+        onnx_frontend._get_convert_map = lambda: {**original(), **class_map}
+        try:
+            yield
+        finally:
+            onnx_frontend._get_convert_map = original
+
+
+def _converter_class(op_type, fn):
+    class UserConverter:
+        @classmethod
+        def get_converter(cls, opset):
+            return lambda bb, inputs, attrs, params: fn(bb, list(inputs), attrs)
+
+    UserConverter.__name__ = f"UserConverter_{op_type}"
+    return UserConverter
+
+
+def _dim_name(param: str) -> str:
+    name = "".join(c if c.isalnum() or c == "_" else "_" for c in param)
+    return name if name and not name[0].isdigit() else f"d_{name}"
+
+
+def _first_line(err) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def save_for_onnxruntime(model, path: str | os.PathLike) -> None:
+    """Write a model onnxruntime accepts (onnx 1.23 helpers write IR 14; ORT 1.31 reads <= 11)."""
+    import onnx
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    model.ir_version = min(model.ir_version, 10)
+    onnx.save(model, str(path))

@@ -1,0 +1,228 @@
+"""The `graft` command line (see README). Bad input ends with status 2 and one line;
+--verbose shows the traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 1
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    from graft import progress
+    from graft.runtime.errors import GraftError
+
+    if args.quiet:
+        progress.set_enabled(False)
+    try:
+        return args.handler(args) or 0
+    except GraftError as err:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"graft: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("graft: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # anything else is graft's bug or TVM's; keep it one line
+        if args.verbose:
+            traceback.print_exc()
+        first = str(err).strip().splitlines()
+        print(f"graft: internal error: {type(err).__name__}: {first[0] if first else ''} "
+              "(run with --verbose for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true", help="show tracebacks on errors")
+    common.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser = argparse.ArgumentParser(prog="graft", parents=[common], description=(
+        "graft: an ahead-of-time compiler for trained neural networks, on Apache TVM."))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compile", parents=[common], help="compile a model into an artifact")
+    p.add_argument("model", help=".onnx, .pt2 (torch.export.save), .gguf or Hugging Face "
+                                 "causal-LM directory")
+    p.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    p.add_argument("--input", action="append", default=[], metavar="NAME:SHAPE:DTYPE",
+                   help="ONNX input spec, e.g. input_ids:batchxseq:int64 (symbolic dims are "
+                        "names); overrides the graph's own")
+    p.add_argument("--target", default="cpu",
+                   help="cpu (this host), cuda, or a TVM target as JSON")
+    p.add_argument("--dump-dir", help="write the module after every pass, and passes.json")
+    p.add_argument("--max-seq-len", type=int, help="causal LMs: longest prompt + generation "
+                                                   "(default: the model's context length)")
+    p.set_defaults(handler=_compile)
+
+    p = sub.add_parser("run", parents=[common], help="run an artifact on inputs from a .npz file")
+    p.add_argument("artifact")
+    p.add_argument("--inputs", required=True, help=".npz with one array per input name "
+                                                   "(or arr_0, arr_1, ... in order)")
+    p.add_argument("--output", help=".npz to write the outputs to (default: print a summary)")
+    p.add_argument("--function", help="entry point (default: main)")
+    p.set_defaults(handler=_run)
+
+    p = sub.add_parser("inspect", parents=[common], help="print an artifact's manifest")
+    p.add_argument("artifact")
+    p.add_argument("--json", action="store_true", help="print the raw manifest")
+    p.set_defaults(handler=_inspect)
+
+    p = sub.add_parser("generate", parents=[common], help="generate text with a causal LM artifact")
+    p.add_argument("artifact")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--ids", action="store_true", help="also print the generated token ids")
+    p.set_defaults(handler=_generate)
+
+    p = sub.add_parser("bench", parents=[common], help="time an artifact on random inputs")
+    p.add_argument("artifact")
+    p.add_argument("--dim", action="append", default=[], metavar="NAME=SIZE",
+                   help="size of a symbolic dim (default 1)")
+    p.add_argument("--repeat", type=int, default=20)
+    p.set_defaults(handler=_bench)
+    return parser
+
+
+def _compile(args) -> int:
+    import graft
+    from graft.runtime.errors import GraftError
+
+    target = args.target
+    if target.startswith("{"):
+        try:
+            target = json.loads(target)
+        except json.JSONDecodeError as err:
+            raise GraftError(f"--target {args.target!r} is not valid JSON: {err}") from None
+    compiled = graft.compile(args.model, input_specs=args.input or None, target=target,
+                             dump_dir=args.dump_dir, max_seq_len=args.max_seq_len)
+    path = compiled.save(args.output)
+    print(f"wrote {path}")
+    for name, sig in compiled.signatures.items():
+        print(f"  {name}({_specs(sig['inputs'])}) -> {_specs(sig['outputs'])}")
+    return 0
+
+
+def _specs(specs) -> str:
+    from graft.runtime.signature import TensorSpec
+
+    return ", ".join(str(TensorSpec.from_json(s)) for s in specs)
+
+
+def _run(args) -> int:
+    import numpy as np
+
+    import graft
+    from graft.runtime.errors import GraftError
+
+    artifact = graft.load(args.artifact)
+    function = artifact.function(args.function) if args.function else artifact.main
+    try:
+        with np.load(args.inputs) as data:
+            arrays = {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise GraftError(f"inputs file {args.inputs!r} does not exist") from None
+    except Exception as err:
+        raise GraftError(f"cannot read inputs file {args.inputs!r} as .npz: {err}") from None
+    names = [s.name for s in function.inputs]
+    if all(f"arr_{i}" in arrays for i in range(len(arrays))) and not set(arrays) & set(names):
+        outputs = function.run(dict(zip(names, (arrays[f"arr_{i}"] for i in range(len(arrays))))))
+    else:
+        outputs = function.run(arrays)
+    if args.output:
+        np.savez(args.output, **outputs)
+        print(f"wrote {len(outputs)} output{'s' if len(outputs) != 1 else ''} to {args.output}")
+    else:
+        for name, value in outputs.items():
+            print(f"{name}: {'x'.join(map(str, value.shape))} {value.dtype} "
+                  f"min {value.min():.6g} max {value.max():.6g} mean {value.mean():.6g}")
+    return 0
+
+
+def _inspect(args) -> int:
+    from graft.runtime.artifact import read_manifest
+
+    manifest = read_manifest(args.artifact)
+    if args.json:
+        print(json.dumps(manifest, indent=1))
+        return 0
+    v = manifest.get("versions", {})
+    print(f"artifact   {args.artifact}  (format {manifest['format_version']})")
+    print(f"built by   graft {v.get('graft')}, TVM {v.get('tvm')}, Python {v.get('python')}")
+    print(f"target     {json.dumps(manifest.get('target'))}")
+    model = manifest.get("model", {})
+    print(f"model      {', '.join(f'{k}={val}' for k, val in model.items() if not isinstance(val, (dict, list)))}")
+    for name, sig in manifest["functions"].items():
+        print(f"function   {name}")
+        for spec in sig["inputs"]:
+            print(f"  in   {spec['name']}: {'x'.join(map(str, spec['shape'])) or 'scalar'} {spec['dtype']}")
+        for spec in sig["outputs"]:
+            print(f"  out  {spec['name']}: {'x'.join(map(str, spec['shape'])) or 'scalar'} {spec['dtype']}")
+        print(f"  params {len(sig['params'])}")
+    passes = manifest.get("passes", [])
+    print(f"passes     {', '.join(p['pass'] for p in passes) if passes else '(none)'}")
+    print(f"lowering   {', '.join(manifest.get('lowering', []))}")
+    for name, entry in manifest["files"].items():
+        print(f"file       {name:20s} {entry['bytes']:>12,d} bytes  sha256 {entry['sha256'][:16]}...")
+    return 0
+
+
+def _generate(args) -> int:
+    import graft
+    from graft.runtime.generate import Generator
+
+    generator = Generator(graft.load(args.artifact))
+    result = generator.generate(args.prompt, max_new_tokens=args.max_new_tokens,
+                                on_token=lambda text: print(text, end="", flush=True))
+    print()
+    if args.ids:
+        print("ids:", " ".join(map(str, result.token_ids)))
+    print(f"[{len(result.token_ids)} tokens, prefill {result.prefill_seconds * 1e3:.0f} ms, "
+          f"{result.decode_tokens_per_second:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def _bench(args) -> int:
+    import numpy as np
+
+    import graft
+    from graft.runtime.errors import GraftError
+
+    dims = {}
+    for item in args.dim:
+        name, _, size = item.partition("=")
+        if not size.isdigit():
+            raise GraftError(f"--dim {item!r}: expected NAME=SIZE, e.g. batch=8")
+        dims[name] = int(size)
+    artifact = graft.load(args.artifact)
+    function = artifact.main
+    rng = np.random.default_rng(0)
+    inputs = []
+    for spec in function.inputs:
+        shape = [d if isinstance(d, int) else dims.get(d, 1) for d in spec.shape]
+        if spec.dtype.startswith("int"):
+            inputs.append(rng.integers(0, 2, shape).astype(spec.dtype))
+        else:
+            inputs.append(rng.standard_normal(shape).astype(spec.dtype))
+    tensors = function.check_inputs(inputs)
+    function.run_tvm(*tensors)
+    times = []
+    for _ in range(args.repeat):
+        start = time.perf_counter()
+        function.run_tvm(*tensors)
+        times.append(time.perf_counter() - start)
+    ms = np.array(times) * 1e3
+    print(f"{function.name}: p50 {np.percentile(ms, 50):.3f} ms  p90 {np.percentile(ms, 90):.3f} "
+          f"ms  p99 {np.percentile(ms, 99):.3f} ms  ({args.repeat} runs)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""The compile driver: import → passes → lowering → build, and the in-memory artifact."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from graft import progress
+from graft.artifact import versions, write_artifact
+from graft.codegen import build as codegen
+from graft.codegen.target import device_kind, resolve_target, target_json
+from graft.frontend.imported import ImportedModel
+from graft.passes.pipeline import CompileState, DumpInstrument, Entry, GraftPass, run_pipeline
+from graft.runtime.errors import GraftError
+from graft.runtime.signature import TensorSpec
+
+
+@dataclass
+class CompiledModel:
+    """A compiled model in memory; `save(path)` writes the artifact directory."""
+
+    executable: object
+    params: dict[str, np.ndarray]
+    manifest: dict
+    extra_files: dict[str, bytes] = field(default_factory=dict)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        with progress.step(f"writing artifact {path}"):
+            return write_artifact(path, self.executable, self.params, self.manifest,
+                                  self.extra_files)
+
+    @property
+    def signatures(self) -> dict:
+        return self.manifest["functions"]
+
+
+def compile(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None,  # noqa: A001
+            target="cpu", passes=(), calibration=None, dump_dir=None, converters=None,
+            task: str | None = None, max_seq_len: int | None = None) -> CompiledModel:
+    """Compile `model` for `target`.
+
+    model: torch.nn.Module (with example_inputs), torch.export.ExportedProgram, a path to a
+        .pt2 or .onnx file, an onnx.ModelProto, or a causal language model (a transformers
+        model, a Hugging Face directory or a .gguf file) for generation.
+    example_inputs: tuple of tensors/arrays for a torch module; for ONNX, optional input specs
+        (`NAME:SHAPE:DTYPE` strings or TensorSpec) overriding the graph's own.
+    dynamic_shapes: torch.export style, for a torch module.
+    target: "cpu" (this host), "cuda", or a TVM target dict.
+    passes: graft passes (GraftPass or TVM passes) applied before lowering, in order.
+    calibration: iterable of example input tuples, for passes that need data.
+    dump_dir: write NNN_<pass>.py and passes.json after every pass (see DESIGN.md, "Dumps").
+    converters: {op name: converter} for operators TVM's importers lack.
+    task: "causal-lm" compiles prefill/decode entry points for generation (detected for
+        transformers *ForCausalLM models, HF directories and .gguf files).
+    """
+    started = time.perf_counter()
+    tvm_target = resolve_target(target)
+    dumper = DumpInstrument(dump_dir) if dump_dir is not None else None
+    imported = import_model(model, example_inputs, dynamic_shapes=dynamic_shapes,
+                            input_specs=input_specs, converters=converters, task=task,
+                            max_seq_len=max_seq_len)
+    state = CompileState(imported.mod, imported.params, target=tvm_target,
+                         calibration=list(calibration) if calibration is not None else None,
+                         flops_dims=_example_dims(imported))
+    if dumper is not None:
+        dumper.after(0, Entry("import", None, {"frontend": imported.source.get("frontend")}),
+                     state, time.perf_counter() - started, {"functions": list(imported.signatures)})
+    user_entries = [_as_entry(p) for p in passes]
+    records = run_pipeline(state, user_entries + codegen.lowering_entries(tvm_target), dumper)
+    user_records, lowering = records[:len(user_entries)], records[len(user_entries):]
+    with progress.step(f"generating code for {tvm_target.kind.name}"):
+        executable = codegen.build(state.mod, tvm_target)
+    used = _used_params(state, imported)
+    manifest = {
+        "versions": versions(),
+        "target": target_json(tvm_target),
+        "device": device_kind(tvm_target),
+        "model": imported.source,
+        "functions": {name: sig.to_json() for name, sig in imported.signatures.items()},
+        "passes": user_records,
+        "lowering": [r["pass"] for r in lowering],
+        "compile_seconds": round(time.perf_counter() - started, 2),
+    }
+    return CompiledModel(executable, used, manifest, dict(getattr(imported, "extra_files", {})))
+
+
+def import_model(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None,
+                 converters=None, task=None, max_seq_len=None) -> ImportedModel:
+    """Dispatch to the right frontend; see `compile` for what `model` may be."""
+    kind = _model_kind(model, task)
+    with progress.step(f"importing {_describe(model)} ({kind})"):
+        if kind == "onnx":
+            from graft.frontend.onnx_frontend import import_onnx
+
+            specs = input_specs if input_specs is not None else (
+                example_inputs if _are_specs(example_inputs) else None)
+            return import_onnx(model, specs, converters=converters)
+        if kind == "causal-lm":
+            from graft.frontend.causal_lm import import_causal_lm
+
+            return import_causal_lm(model, max_seq_len=max_seq_len, converters=converters)
+        from graft.frontend import torch_frontend as tf
+
+        if kind == "pt2":
+            ep = tf.load_exported_program(model)
+        elif kind == "exported_program":
+            ep = model
+        else:
+            if example_inputs is None:
+                raise GraftError(f"compiling a {type(model).__name__} needs example_inputs: a "
+                                 "tuple of tensors torch.export can trace the model with")
+            ep = tf.export_module(model, example_inputs, dynamic_shapes)
+        imported = tf.import_exported_program(ep, converters=converters,
+                                              dynamic_shapes=dynamic_shapes)
+        if example_inputs is not None and not _are_specs(example_inputs):
+            imported.example_inputs["main"] = [np.asarray(_to_numpy(x)) for x in (
+                example_inputs if isinstance(example_inputs, (tuple, list)) else [example_inputs])]
+        return imported
+
+
+def _model_kind(model, task) -> str:
+    if task not in (None, "causal-lm"):
+        raise GraftError(f"unknown task {task!r}: expected 'causal-lm' or none")
+    if isinstance(model, (str, os.PathLike)):
+        path = Path(model)
+        suffix = path.suffix.lower()
+        if suffix == ".onnx":
+            return "onnx"
+        if suffix == ".pt2":
+            return "pt2"
+        if suffix == ".gguf" or (path.is_dir() and (path / "config.json").is_file()):
+            return "causal-lm"
+        if not path.exists():
+            raise GraftError(f"model file {str(path)!r} does not exist")
+        raise GraftError(f"cannot tell what kind of model {str(path)!r} is: expected a .onnx or "
+                         ".pt2 file, a .gguf file or a Hugging Face model directory")
+    module_name = type(model).__module__
+    if module_name.startswith("onnx"):
+        return "onnx"
+    if task == "causal-lm" or (type(model).__name__.endswith("ForCausalLM")
+                               and module_name.startswith("transformers")):
+        return "causal-lm"
+    if type(model).__name__ == "ExportedProgram":
+        return "exported_program"
+    if hasattr(model, "forward") and hasattr(model, "state_dict"):
+        return "torch"
+    raise GraftError(f"cannot compile a {type(model).__name__}: expected a torch.nn.Module, a "
+                     "torch.export.ExportedProgram, an onnx.ModelProto, or a path to a .onnx, "
+                     ".pt2 or .gguf file")
+
+
+def _describe(model) -> str:
+    return str(model) if isinstance(model, (str, os.PathLike)) else type(model).__name__
+
+
+def _are_specs(values) -> bool:
+    return isinstance(values, (list, tuple)) and len(values) > 0 and all(
+        isinstance(v, (str, TensorSpec)) for v in values)
+
+
+def _to_numpy(x):
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else x
+
+
+def _as_entry(p) -> Entry:
+    if isinstance(p, Entry):
+        return p
+    if isinstance(p, GraftPass):
+        return Entry(p.name, p, p.options())
+    if isinstance(p, tvm.transform.Pass):
+        return Entry(p.info.name, p, {})
+    raise GraftError(f"passes must be graft passes or TVM passes, got {type(p).__name__}")
+
+
+def _example_dims(imported: ImportedModel) -> dict[str, int]:
+    """Sizes of the symbolic dims in the example inputs, for FLOPs estimates."""
+    dims = {}
+    for name, arrays in imported.example_inputs.items():
+        func = imported.mod[name]
+        for var, array in zip(func.params, arrays):
+            sinfo = var.ty
+            if isinstance(sinfo, relax.TensorType) and isinstance(sinfo.shape,
+                                                                        relax.ShapeExpr):
+                for dim, size in zip(sinfo.shape.values, np.shape(array)):
+                    if isinstance(dim, tvm.tirx.Var):
+                        dims[dim.name] = int(size)
+    return dims
+
+
+def _used_params(state: CompileState, imported: ImportedModel) -> dict[str, np.ndarray]:
+    names = {p for sig in imported.signatures.values() for p in sig.params}
+    return {k: v for k, v in state.params.items() if k in names}

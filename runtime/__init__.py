@@ -1,0 +1,18 @@
+"""graft's runtime: loads a verified artifact and runs it. Imports only tvm, numpy and the
+standard library (never torch, onnx or onnxruntime).
+
+Loading an artifact runs the code in its model.so: load only artifacts you trust.
+"""
+
+from graft.runtime.errors import ArtifactError, GraftError, RuntimeInputError
+from graft.runtime.session import Artifact, Function, configure_threads
+from graft.runtime.signature import TensorSpec
+
+
+def load(path) -> Artifact:
+    """Load an artifact directory written by `graft compile` / `graft.compile(...).save(...)`."""
+    return Artifact(path)
+
+
+__all__ = ["load", "Artifact", "Function", "TensorSpec", "configure_threads", "GraftError",
+           "ArtifactError", "RuntimeInputError"]
