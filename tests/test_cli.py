@@ -1,0 +1,141 @@
+"""The CLI: one clear line and status 2 on bad input, no traceback unless --verbose."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+GRAFT = [sys.executable, "-m", "graft.cli"]
+
+
+def graft_cli(*args, timeout=600):
+    return subprocess.run([*GRAFT, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def tiny_onnx(path, op_type="Relu", domain=""):
+    import onnx
+    from onnx import TensorProto, helper
+
+    node = helper.make_node(op_type, ["x"], ["y"], name="my_node", domain=domain)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, ["batch", 4])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, ["batch", 4])])
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def assert_one_line_error(result, *words):
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("graft: error: ")
+    assert "Traceback" not in result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_missing_model_file(tmp_path):
+    result = graft_cli("compile", tmp_path / "absent.onnx", "-o", tmp_path / "out")
+    assert_one_line_error(result, "absent.onnx", "does not exist")
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_onnx_file(tmp_path):
+    good = tiny_onnx(tmp_path / "good.onnx")
+    data = good.read_bytes()
+    (tmp_path / "cut.onnx").write_bytes(data[: len(data) // 2])
+    result = graft_cli("compile", tmp_path / "cut.onnx", "-o", tmp_path / "out")
+    assert_one_line_error(result, "cut.onnx", "not a readable ONNX model")
+
+
+def test_unsupported_operator_names_op_node_and_fix(tmp_path):
+    model = tiny_onnx(tmp_path / "custom.onnx", op_type="FancyOp", domain="com.example")
+    result = graft_cli("compile", model, "-o", tmp_path / "out")
+    assert_one_line_error(result, "com.example.FancyOp", "my_node", "converters=")
+    verbose = graft_cli("compile", model, "-o", tmp_path / "out", "--verbose")
+    assert verbose.returncode == 2 and "Traceback" in verbose.stderr
+
+
+def test_compile_run_inspect(tmp_path):
+    model = tiny_onnx(tmp_path / "relu.onnx")
+    out = tmp_path / "art"
+    result = graft_cli("compile", model, "-o", out, "--input", "x:nx4:float32")
+    assert result.returncode == 0, result.stderr
+    assert "main(x:nx4:float32) -> y:nx4:float32" in result.stdout
+    x = np.array([[-1, 2, -3, 4]] * 3, np.float32)
+    np.savez(tmp_path / "in.npz", x=x)
+    result = graft_cli("run", out, "--inputs", tmp_path / "in.npz", "--output", tmp_path / "o.npz")
+    assert result.returncode == 0, result.stderr
+    assert np.array_equal(np.load(tmp_path / "o.npz")["y"], np.maximum(x, 0))
+    result = graft_cli("inspect", out)
+    assert result.returncode == 0 and "in   x: nx4 float32" in result.stdout
+    assert json.loads(graft_cli("inspect", out, "--json").stdout)["format_version"] == 1
+    np.savez(tmp_path / "bad.npz", x=x.astype(np.float64))
+    result = graft_cli("run", out, "--inputs", tmp_path / "bad.npz")
+    assert_one_line_error(result, "input 'x': expected dtype float32, got float64")
+
+
+def test_bad_input_spec(tmp_path):
+    model = tiny_onnx(tmp_path / "relu.onnx")
+    result = graft_cli("compile", model, "-o", tmp_path / "o", "--input", "x:4xfoo-bar:float32")
+    assert_one_line_error(result, "bad dim 'foo-bar'")
+    result = graft_cli("compile", model, "-o", tmp_path / "o", "--input", "z:4x4:float32")
+    assert_one_line_error(result, "'z'", "its inputs are x")
+
+
+KILL_DURING_BUILD = r"""
+import os, sys, signal
+import graft.codegen.build as build
+real_build = build.build
+def build_then_die(mod, target):
+    executable = real_build(mod, target)
+    os.kill(os.getpid(), signal.SIGKILL)
+build.build = build_then_die
+from graft.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_interrupted_compile_leaves_no_output_directory(tmp_path):
+    model = tiny_onnx(tmp_path / "relu.onnx")
+    out = tmp_path / "art"
+    result = subprocess.run([sys.executable, "-c", KILL_DURING_BUILD, "compile", str(model), "-o",
+                             str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == -signal.SIGKILL
+    assert not out.exists()
+
+
+def test_killed_while_writing_leaves_no_output_directory(tmp_path):
+    """SIGKILL at a random moment while the artifact is being written."""
+    model = tiny_onnx(tmp_path / "relu.onnx")
+    slow_write = r"""
+import sys, time
+import graft.artifact as artifact
+from safetensors import numpy as stn
+real = stn.save_file
+def slow(*a, **k):
+    real(*a, **k)
+    print("writing", flush=True)
+    time.sleep(60)
+stn.save_file = slow
+from graft.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+    out = tmp_path / "art"
+    proc = subprocess.Popen([sys.executable, "-c", slow_write, "compile", str(model), "-o",
+                             str(out)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert not out.exists()
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".art.partial-")]
+    assert leftovers  # the partial write stayed under its hidden temporary name

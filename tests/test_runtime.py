@@ -1,0 +1,156 @@
+"""The loader: input checking, verification of the artifact, running without torch."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import graft
+from graft.runtime.errors import ArtifactError, RuntimeInputError
+
+from conftest import run_python
+
+
+def test_wrong_number_of_inputs(tiny_artifact):
+    runtime = graft.load(tiny_artifact)
+    x = np.zeros((2, 8), np.float32)
+    with pytest.raises(RuntimeInputError, match=r"takes 1 input \(x:batchx8:float32\), got 2"):
+        runtime(x, x)
+    with pytest.raises(RuntimeInputError, match="missing x:batchx8:float32"):
+        runtime()
+
+
+def test_wrong_dtype(tiny_artifact):
+    with pytest.raises(RuntimeInputError, match="input 'x': expected dtype float32, got float64"):
+        graft.load(tiny_artifact)(np.zeros((2, 8)))
+
+
+def test_wrong_static_dim_and_rank(tiny_artifact):
+    runtime = graft.load(tiny_artifact)
+    with pytest.raises(RuntimeInputError, match=r"expected shape batchx8, got 2x9 \(dim 1 must be 8\)"):
+        runtime(np.zeros((2, 9), np.float32))
+    with pytest.raises(RuntimeInputError, match="rank 2"):
+        runtime(np.zeros((8,), np.float32))
+
+
+def test_symbolic_dim_bound_two_ways(tmp_path):
+    import torch
+
+    class AddPair(torch.nn.Module):
+        def forward(self, a, b):
+            return a + b
+
+    batch = torch.export.Dim("batch")
+    compiled = graft.compile(AddPair(), (torch.ones(2, 3), torch.ones(2, 3)),
+                             dynamic_shapes={"a": {0: batch}, "b": {0: batch}})
+    compiled.save(tmp_path / "a")
+    runtime = graft.load(tmp_path / "a")
+    ok = runtime(np.ones((4, 3), np.float32), np.ones((4, 3), np.float32))
+    assert ok.shape == (4, 3) and ok.max() == 2.0
+    with pytest.raises(RuntimeInputError,
+                       match="input 'b': dim 0 is 'batch', which input 'a' dim 0 set to 4, but here it is 5"):
+        runtime(np.ones((4, 3), np.float32), np.ones((5, 3), np.float32))
+
+
+def test_torch_and_dlpack_inputs(tiny_model, tiny_artifact):
+    import torch
+
+    runtime = graft.load(tiny_artifact)
+    x = torch.randn(2, 8, requires_grad=True)
+    expected = tiny_model(x).detach().numpy()
+    assert np.allclose(runtime(x), expected, atol=1e-5)
+
+    class OnlyDLPack:  # an object that offers nothing but the DLPack protocol
+        def __init__(self, array):
+            self.array = array
+
+        def __dlpack__(self, **kwargs):
+            return self.array.__dlpack__(**kwargs)
+
+        def __dlpack_device__(self):
+            return self.array.__dlpack_device__()
+
+    assert np.allclose(runtime(OnlyDLPack(x.detach().numpy())), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["params.safetensors", "model.so"])
+def test_modified_file_is_refused_by_name(tiny_artifact, tmp_path, name):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_artifact, copy)
+    with open(copy / name, "r+b") as f:
+        f.seek(os.path.getsize(copy / name) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(ArtifactError, match=f"artifact file '{name}' .* was modified"):
+        graft.load(copy)
+
+
+def test_format_version_and_path_traversal_refused(tiny_artifact, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_artifact, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    with pytest.raises(ArtifactError, match="format version 99"):
+        graft.load(copy)
+    files = dict(manifest["files"])
+    files["../outside.txt"] = {"sha256": "0" * 64, "bytes": 0}
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "files": files}))
+    with pytest.raises(ArtifactError, match="must be plain names inside the artifact"):
+        graft.load(copy)
+    with pytest.raises(ArtifactError, match="does not exist"):
+        graft.load(tmp_path / "missing")
+
+
+RUN_WITHOUT_TORCH = r"""
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("torch", "onnx", "onnxruntime", "transformers"):
+            raise ImportError(f"blocked: {name}")
+sys.meta_path.insert(0, Block())
+import numpy as np
+import graft
+rt = graft.load(sys.argv[1])
+out = rt(np.ones((2, 8), np.float32))
+for name in ("torch", "onnx", "onnxruntime"):
+    try:
+        __import__(name)
+        raise SystemExit(f"{name} was importable")
+    except ImportError:
+        pass
+assert not any(m.split(".")[0] in ("torch", "onnx", "onnxruntime") for m in sys.modules)
+print("ok", out.shape, float(out.sum()))
+"""
+
+
+def test_runtime_runs_where_torch_onnx_and_onnxruntime_cannot_be_imported(tiny_artifact):
+    result = run_python(RUN_WITHOUT_TORCH, str(tiny_artifact))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok (2, 4)")
+    assert abs(float(result.stdout.split()[-1]) - 2.0) < 1e-5  # softmax rows sum to 1
+
+
+def test_threads_share_one_artifact(tiny_model, tiny_artifact):
+    import threading
+
+    import torch
+
+    runtime = graft.load(tiny_artifact)
+    x = np.random.default_rng(1).standard_normal((5, 8)).astype(np.float32)
+    expected = tiny_model(torch.from_numpy(x)).detach().numpy()
+    errors = []
+
+    def worker():
+        for _ in range(50):
+            if not np.allclose(runtime(x), expected, atol=1e-5):
+                errors.append("mismatch")
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
