@@ -123,18 +123,19 @@ def import_onnx(model, input_specs=None, *, converters=None) -> ImportedModel:
                                                           "ir_version": model.ir_version})
 
 
+def op_key(node) -> str:
+    """An op's name as converters are keyed: `Relu`, or `com.example.FancyOp` outside ai.onnx."""
+    return node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+
+
 def check_supported(model, converters) -> None:
     from tvm.relax.frontend.onnx import onnx_frontend
 
     known = set(onnx_frontend._get_convert_map()) | {"If", "Constant"} | set(converters or ())
     missing: dict[str, list[str]] = {}
     for index, node in enumerate(model.graph.node):
-        if node.op_type not in known or node.domain not in ("", "ai.onnx"):
-            key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
-            if node.domain not in ("", "ai.onnx") and node.op_type in known and \
-                    node.op_type in (converters or {}):
-                continue
-            missing.setdefault(key, []).append(node.name or f"node #{index}")
+        if op_key(node) not in known:
+            missing.setdefault(op_key(node), []).append(node.name or f"node #{index}")
     if missing:
         raise UnsupportedOperatorError(missing, HOW_TO_ADD_A_CONVERTER)
 
@@ -147,7 +148,8 @@ def _extra_converters(converters):
         return
     from tvm.relax.frontend.onnx import onnx_frontend
 
-    class_map = {op: _converter_class(op, fn) for op, fn in converters.items()}
+    # TVM looks converters up by op_type alone, without the domain
+    class_map = {op.rsplit(".", 1)[-1]: _converter_class(op, fn) for op, fn in converters.items()}
     with _convert_map_lock:
         original = onnx_frontend._get_convert_map
         onnx_frontend._get_convert_map = lambda: {**original(), **class_map}

@@ -1,0 +1,229 @@
+"""ONNX backend node-test conformance of graft's ONNX path.
+
+Generates ONNX's backend node tests from the installed `onnx` package
+(`onnx.backend.test.case.node`; the wheel does not ship the data files), compiles each model
+with graft, runs it through graft's runtime, and compares with the stored outputs. Each test
+runs in a worker process with a per-test timeout; a worker that hangs or crashes is replaced.
+
+Prints the pass count overall and for opset <= 22, and the most common failure reasons.
+
+    python bench/onnx_conformance.py [--jobs 2] [--timeout 60] [-k PATTERN] [--save-artifacts]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import multiprocessing as mp
+import os
+import queue
+import re
+import sys
+import tempfile
+import time
+import warnings
+
+
+def collect():
+    """(name, model bytes, inputs, outputs, rtol, atol, opset) for every node test."""
+    import numpy as np
+    from onnx.backend.test.case.node import collect_testcases
+
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        cases = collect_testcases(None)
+    tests = []
+    for case in cases:
+        opset = max((o.version for o in case.model.opset_import if o.domain in ("", "ai.onnx")),
+                    default=0)
+        data = case.data_sets[0] if case.data_sets else ([], [])
+        tests.append((case.name, case.model.SerializeToString(), list(data[0]), list(data[1]),
+                      float(case.rtol), float(case.atol), opset))
+    return tests
+
+
+def run_one(test, save_artifacts: bool, scratch: str) -> tuple[str, str]:
+    """('pass', '') or ('fail', reason)."""
+    import numpy as np
+    import onnx
+
+    import graft
+    from graft.runtime.signature import TensorSpec
+
+    name, model_bytes, inputs, outputs, rtol, atol, _ = test
+    model = onnx.load_from_string(model_bytes)
+    initializers = {i.name for i in model.graph.initializer}
+    graph_inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(graph_inputs) != len(inputs) or not all(isinstance(x, np.ndarray) for x in inputs):
+        return "fail", "non-tensor (sequence/optional) or omitted inputs"
+    if not all(isinstance(y, np.ndarray) for y in outputs):
+        return "fail", "non-tensor (sequence/optional) outputs"
+    specs = [TensorSpec(i.name, list(x.shape), str(x.dtype)) for i, x in zip(graph_inputs, inputs)]
+    try:
+        compiled = graft.compile(model, input_specs=specs)
+        if save_artifacts:
+            path = os.path.join(scratch, "artifact")
+            compiled.save(path)
+            results = graft.load(path).main.run({s.name: x for s, x in zip(specs, inputs)})
+            got = list(results.values())
+        else:
+            import tvm
+            from tvm import relax
+
+            vm = relax.VirtualMachine(compiled.executable, tvm.cpu())
+            sig = compiled.signatures["main"]
+            args = [tvm.runtime.tensor(np.ascontiguousarray(x)) for x in inputs]
+            args += [tvm.runtime.tensor(compiled.params[p]) for p in sig["params"]]
+            from graft.runtime.session import _to_numpy_list
+
+            got = _to_numpy_list(vm["main"](*args))
+    except Exception as err:  # classify every failure by its first line
+        return "fail", f"{type(err).__name__}: {_first_line(err)}"
+    if len(got) != len(outputs):
+        return "fail", f"wrong number of outputs ({len(got)} vs {len(outputs)})"
+    for g, e in zip(got, outputs):
+        if g.shape != e.shape:
+            return "fail", "wrong output shape"
+        if e.dtype.kind in "fc":
+            try:
+                np.testing.assert_allclose(g.astype(e.dtype), e, rtol=rtol, atol=atol,
+                                           equal_nan=True)
+            except AssertionError:
+                return "fail", "wrong output values"
+        elif not np.array_equal(g.astype(e.dtype) if e.dtype != object else g, e):
+            return "fail", "wrong output values"
+    return "pass", ""
+
+
+def _first_line(err) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def worker(tasks, results, save_artifacts):
+    os.environ.setdefault("GRAFT_NUM_THREADS", "1")
+    warnings.simplefilter("ignore")
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)  # TVM's C++ warnings; failures are classified from the exceptions
+    import io
+    import contextlib
+
+    from graft import progress
+
+    progress.set_enabled(False)
+    with tempfile.TemporaryDirectory() as scratch:
+        while True:
+            item = tasks.get()
+            if item is None:
+                return
+            index, test = item
+            results.put(("start", index, os.getpid()))
+            with contextlib.redirect_stdout(io.StringIO()):
+                try:
+                    status, reason = run_one(test, save_artifacts, scratch)
+                except BaseException as err:  # noqa: BLE001 - a test must not kill the worker
+                    status, reason = "fail", f"{type(err).__name__}: {_first_line(err)}"
+            results.put(("done", index, (status, reason)))
+
+
+def normalize(reason: str) -> str:
+    """Group reasons that differ only in names and numbers."""
+    reason = reason.split(". Supply a converter")[0]
+    reason = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", reason)
+    reason = re.sub(r"\b\d+(\.\d+)?\b", "N", reason)
+    reason = re.sub(r"\(at [^)]*\)", "(at …)", reason)
+    return reason[:160]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds per test")
+    parser.add_argument("-k", dest="pattern", help="only tests whose name matches this regex")
+    parser.add_argument("--limit", type=int, help="only the first N tests")
+    parser.add_argument("--save-artifacts", action="store_true",
+                        help="write and load each artifact (slower; default runs in memory)")
+    parser.add_argument("--top", type=int, default=15, help="failure reasons to list")
+    parser.add_argument("--list-failures", help="write name<TAB>reason for each failure here")
+    args = parser.parse_args(argv)
+
+    started = time.time()
+    tests = collect()
+    if args.pattern:
+        tests = [t for t in tests if re.search(args.pattern, t[0])]
+    if args.limit:
+        tests = tests[: args.limit]
+    print(f"{len(tests)} node tests from onnx's backend test cases "
+          f"(collected in {time.time() - started:.0f} s)", flush=True)
+
+    ctx = mp.get_context("spawn")
+    tasks, results = ctx.Queue(), ctx.Queue()
+    for item in enumerate(tests):
+        tasks.put(item)
+    workers = {}
+
+    def start_worker():
+        proc = ctx.Process(target=worker, args=(tasks, results, args.save_artifacts), daemon=True)
+        proc.start()
+        workers[proc.pid] = [proc, None, 0.0]  # process, running test index, its start time
+
+    for _ in range(max(1, args.jobs)):
+        start_worker()
+    outcome: dict[int, tuple[str, str]] = {}
+    last_report = time.time()
+    while len(outcome) < len(tests):
+        try:
+            kind, index, payload = results.get(timeout=1.0)
+            if kind == "start":
+                workers[payload][1:] = [index, time.time()]
+            else:
+                outcome[index] = payload
+                for entry in workers.values():
+                    if entry[1] == index:
+                        entry[1] = None
+        except queue.Empty:
+            pass
+        now = time.time()
+        for pid, (proc, index, since) in list(workers.items()):
+            timed_out = index is not None and now - since > args.timeout
+            if timed_out or not proc.is_alive():
+                if timed_out:
+                    proc.kill()
+                proc.join(timeout=5)
+                del workers[pid]
+                if index is not None and index not in outcome:
+                    outcome[index] = ("fail", "timeout" if timed_out else
+                                      f"worker crashed (exit code {proc.exitcode})")
+                if len(outcome) + len(workers) < len(tests) or not workers:
+                    start_worker()
+        if now - last_report > 60:
+            print(f"  {len(outcome)}/{len(tests)} done, {now - started:.0f} s", flush=True)
+            last_report = now
+    for _ in workers:
+        tasks.put(None)
+
+    passed = [i for i, (s, _) in outcome.items() if s == "pass"]
+    low = [i for i in range(len(tests)) if tests[i][6] <= 22]
+    passed_low = [i for i in passed if tests[i][6] <= 22]
+    reasons = collections.Counter(normalize(r) for s, r in outcome.values() if s == "fail")
+    print(f"graft ONNX conformance: {len(passed)}/{len(tests)} passed "
+          f"({100 * len(passed) / max(1, len(tests)):.1f}%); opset <= 22: "
+          f"{len(passed_low)}/{len(low)} ({100 * len(passed_low) / max(1, len(low)):.1f}%); "
+          f"{time.time() - started:.0f} s")
+    print("top failure reasons:")
+    for reason, count in reasons.most_common(args.top):
+        print(f"  {count:5d}  {reason}")
+    if args.list_failures:
+        with open(args.list_failures, "w") as f:
+            for i, (s, r) in sorted(outcome.items()):
+                if s == "fail":
+                    f.write(f"{tests[i][0]}\t{r}\n")
+    for proc, _, _ in workers.values():
+        proc.join(timeout=5)
+        if proc.is_alive():
+            proc.kill()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""ONNX path: models from torch.onnx.export and hand-built graphs, compared with ONNX Runtime."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import graft
+from graft.frontend.onnx_frontend import save_for_onnxruntime
+from graft.runtime.errors import ModelLoadError
+
+from conftest import max_abs
+
+
+def ort_run(model, feeds, tmp_path):
+    import onnxruntime as ort
+
+    path = tmp_path / "for_ort.onnx"
+    save_for_onnxruntime(model, path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def compile_and_load(model, tmp_path, specs=None):
+    compiled = graft.compile(model, input_specs=specs)
+    compiled.save(tmp_path / "art")
+    return graft.load(tmp_path / "art")
+
+
+def make_model(nodes, inputs, outputs, initializers=(), opset=17):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+def test_torch_onnx_export_with_dynamic_batch(tiny_model, tmp_path):
+    import torch
+
+    path = tmp_path / "tiny.onnx"
+    torch.onnx.export(tiny_model, (torch.randn(2, 8),), str(path), input_names=["x"],
+                      output_names=["probs"], dynamic_axes={"x": {0: "batch"}}, opset_version=17,
+                      dynamo=False)
+    runtime = compile_and_load(path, tmp_path)
+    assert [str(s) for s in runtime.inputs] == ["x:batchx8:float32"]
+    model = onnx.load(str(path))
+    for batch in (1, 4, 9):
+        x = np.random.default_rng(batch).standard_normal((batch, 8)).astype(np.float32)
+        (expected,) = ort_run(model, {"x": x}, tmp_path)
+        assert max_abs(runtime(x), expected) < 1e-5
+
+
+def test_input_spec_overrides_graph_shape(tmp_path):
+    model = make_model([helper.make_node("Relu", ["x"], ["y"])],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    runtime = compile_and_load(model, tmp_path, ["x:rowsx3:float32"])
+    x = np.array([[-1, 0, 2]] * 5, np.float32)
+    assert np.array_equal(runtime(x), np.maximum(x, 0))
+
+
+def test_constant_of_shape_with_empty_shape(tmp_path):
+    """ConstantOfShape given an empty shape makes a rank-0 tensor; TVM's importer broadcasts it
+    to R.shape([]) and fails. graft folds it before import."""
+    shape = numpy_helper.from_array(np.array([], np.int64), "empty_shape")
+    nodes = [
+        helper.make_node("ConstantOfShape", ["empty_shape"], ["scalar"],
+                         value=numpy_helper.from_array(np.array([2.5], np.float32))),
+        helper.make_node("Mul", ["x", "scalar"], ["y"]),
+    ]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])], [shape])
+    runtime = compile_and_load(model, tmp_path)
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    (expected,) = ort_run(model, {"x": x}, tmp_path)
+    assert np.array_equal(runtime(x), expected)
+
+
+def test_shape_concat_reshape_keeps_symbolic_dims(tmp_path):
+    """The dynamo exporter writes reshapes whose target comes from Shape→Slice→Concat; the
+    imported reshape must keep `batch`/`seq` symbolic, not lose the output shape."""
+    one = lambda name, v: numpy_helper.from_array(np.array(v, np.int64), name)  # noqa: E731
+    nodes = [
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Slice", ["shape", "zero", "two"], ["batch_seq"]),
+        helper.make_node("Concat", ["batch_seq", "heads", "head_dim"], ["target"], axis=0),
+        helper.make_node("Reshape", ["x", "target"], ["split"]),
+        helper.make_node("Transpose", ["split"], ["y"], perm=[0, 2, 1, 3]),
+    ]
+    inits = [one("zero", [0]), one("two", [2]), one("heads", [2]), one("head_dim", [3])]
+    model = make_model(nodes,
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 6])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2, "seq", 3])],
+                       inits)
+    runtime = compile_and_load(model, tmp_path)
+    assert runtime.outputs[0].shape == ["batch", 2, "seq", 3]
+    for shape in ((1, 4, 6), (3, 7, 6)):
+        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        (expected,) = ort_run(model, {"x": x}, tmp_path)
+        assert np.array_equal(runtime(x), expected)
+
+
+def test_corrupt_and_missing_onnx(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        graft.compile(tmp_path / "missing.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"\x08\x07garbage" * 10)
+    with pytest.raises(ModelLoadError, match="junk.onnx"):
+        graft.compile(tmp_path / "junk.onnx")
+
+
+def test_onnx_converter_for_missing_op(tmp_path):
+    from tvm import relax
+
+    node = helper.make_node("Swish3", ["x"], ["y"], domain="com.example", name="swish_node")
+    model = make_model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+
+    def swish3(bb, inputs, attrs):  # x * sigmoid(3x)
+        x = inputs[0]
+        return relax.op.multiply(x, relax.op.sigmoid(relax.op.multiply(x, relax.const(3.0))))
+
+    compiled = graft.compile(model, converters={"com.example.Swish3": swish3})
+    compiled.save(tmp_path / "art")
+    x = np.array([-1, 0, 0.5, 2], np.float32)
+    assert max_abs(graft.load(tmp_path / "art")(x), x / (1 + np.exp(-3 * x))) < 1e-6
