@@ -72,7 +72,7 @@ def run_one(test, save_artifacts: bool, scratch: str) -> tuple[str, str]:
 
             vm = relax.VirtualMachine(compiled.executable, tvm.cpu())
             sig = compiled.signatures["main"]
-            args = [tvm.runtime.tensor(np.ascontiguousarray(x)) for x in inputs]
+            args = [tvm.runtime.tensor(np.asarray(x, order="C")) for x in inputs]
             args += [tvm.runtime.tensor(compiled.params[p]) for p in sig["params"]]
             from graft.runtime.session import _to_numpy_list
 

@@ -142,14 +142,15 @@ def check_supported(model, converters) -> None:
 
 @contextlib.contextmanager
 def _extra_converters(converters):
-    """Make user converters visible to TVM's importer (it has no custom_convert_map for ONNX)."""
-    if not converters:
-        yield
-        return
+    """Make graft's and the user's converters visible to TVM's importer for one import (it
+    has no custom_convert_map for ONNX, and looks converters up by op type alone)."""
     from tvm.relax.frontend.onnx import onnx_frontend
 
-    # TVM looks converters up by op_type alone, without the domain
-    class_map = {op.rsplit(".", 1)[-1]: _converter_class(op, fn) for op, fn in converters.items()}
+    from graft.frontend.onnx_converters import CONVERTERS
+
+    class_map = dict(CONVERTERS)
+    for op, fn in (converters or {}).items():
+        class_map[op.rsplit(".", 1)[-1]] = _converter_class(op, fn)
     with _convert_map_lock:
         original = onnx_frontend._get_convert_map
         onnx_frontend._get_convert_map = lambda: {**original(), **class_map}

@@ -56,13 +56,13 @@ def import_exported_program(ep, *, converters=None, function_name: str = "main",
     """Import an ExportedProgram into a Relax module with detached parameters."""
     from tvm.relax.frontend.torch import from_exported_program
 
-    from graft.frontend import torch_fixes
+    from graft.frontend.inbound_slice import InboundStridedSlice
 
     ep = ep.run_decompositions()
-    ep = torch_fixes.apply(ep)
     check_supported(ep, converters)
     mod = from_exported_program(ep, keep_params_as_input=True, run_ep_decomposition=False,
                                 custom_convert_map=converters or None)
+    mod = InboundStridedSlice()(mod)
     if function_name != "main":
         mod = _rename_main(mod, function_name)
     input_names = [spec.arg.name for spec in ep.graph_signature.input_specs

@@ -41,7 +41,7 @@ def write_artifact(path: str | os.PathLike, executable, params: dict[str, np.nda
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     try:
         executable.export_library(str(staging / LIBRARY))
-        save_file({k: np.ascontiguousarray(v) for k, v in params.items()},
+        save_file({k: np.asarray(v, order="C") for k, v in params.items()},
                   str(staging / PARAMS))
         for name, data in (extra_files or {}).items():
             (staging / name).write_bytes(data)

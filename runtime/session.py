@@ -59,7 +59,7 @@ class Artifact:
         except Exception as err:  # TVM raises its own error types
             raise ArtifactError(f"could not load {LIBRARY} from {str(self.path)!r}: {err}") from None
         host_params = read_safetensors(self.path / PARAMS)
-        self.params = {name: tvm.runtime.tensor(np.ascontiguousarray(array), self.device)
+        self.params = {name: tvm.runtime.tensor(np.asarray(array, order="C"), self.device)
                        for name, array in host_params.items()}
         self.functions = {name: Function(self, name, sig)
                           for name, sig in self.manifest["functions"].items()}
@@ -218,7 +218,7 @@ def _as_array(value, spec: TensorSpec):
 def _to_tvm(array, device):
     if isinstance(array, tvm.runtime.Tensor):
         return array if array.device == device else tvm.runtime.tensor(array.numpy(), device)
-    return tvm.runtime.tensor(np.ascontiguousarray(array), device)
+    return tvm.runtime.tensor(np.asarray(array, order="C"), device)
 
 
 def _to_numpy_list(result) -> list[np.ndarray]:

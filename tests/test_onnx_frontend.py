@@ -124,3 +124,16 @@ def test_onnx_converter_for_missing_op(tmp_path):
     compiled.save(tmp_path / "art")
     x = np.array([-1, 0, 0.5, 2], np.float32)
     assert max_abs(graft.load(tmp_path / "art")(x), x / (1 + np.exp(-3 * x))) < 1e-6
+
+
+def test_rank0_input_and_initializer(tmp_path):
+    """Scalars stay scalars through the artifact (np.ascontiguousarray would make them 1-d)."""
+    scale = numpy_helper.from_array(np.array(3.0, np.float32), "scale")
+    nodes = [helper.make_node("Mul", ["x", "scale"], ["t"]), helper.make_node("Add", ["t", "s"], ["y"])]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]),
+                               helper.make_tensor_value_info("s", TensorProto.FLOAT, [])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])], [scale])
+    runtime = compile_and_load(model, tmp_path)
+    assert runtime.inputs[1].shape == []
+    out = runtime(np.array([1, 2], np.float32), np.array(0.5, np.float32))
+    assert out.tolist() == [3.5, 6.5]
