@@ -52,6 +52,8 @@ def run_one(test, save_artifacts: bool, scratch: str) -> tuple[str, str]:
 
     name, model_bytes, inputs, outputs, rtol, atol, _ = test
     model = onnx.load_from_string(model_bytes)
+    inputs = [_as_array(x) for x in inputs]
+    outputs = [_as_array(y) for y in outputs]
     initializers = {i.name for i in model.graph.initializer}
     graph_inputs = [i for i in model.graph.input if i.name not in initializers]
     if len(graph_inputs) != len(inputs) or not all(isinstance(x, np.ndarray) for x in inputs):
@@ -93,6 +95,19 @@ def run_one(test, save_artifacts: bool, scratch: str) -> tuple[str, str]:
         elif not np.array_equal(g.astype(e.dtype) if e.dtype != object else g, e):
             return "fail", "wrong output values"
     return "pass", ""
+
+
+def _as_array(value):
+    """Test data comes as arrays, numpy scalars, or TensorProtos (for float8/int4 dtypes)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    if isinstance(value, onnx.TensorProto):
+        return numpy_helper.to_array(value)
+    if isinstance(value, np.generic):
+        return np.asarray(value)
+    return value
 
 
 def _first_line(err) -> str:

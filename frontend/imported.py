@@ -3,6 +3,7 @@ signature of each function."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,6 +32,24 @@ class ImportedModel:
     signatures: dict[str, FunctionSignature]
     source: dict = field(default_factory=dict)  # what was imported, for the manifest
     example_inputs: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    extra_files: dict[str, bytes] = field(default_factory=dict)  # written into the artifact
+
+
+def merge(parts: list["ImportedModel"]) -> "ImportedModel":
+    """One module with every part's functions; parameters of the same name and value are
+    stored once."""
+    functions, params, signatures = {}, {}, {}
+    for part in parts:
+        for gv, func in part.mod.functions_items():
+            if gv.name_hint in functions:
+                raise ValueError(f"two parts define function {gv.name_hint!r}")
+            functions[gv] = func
+        for name, array in part.params.items():
+            if name in params and not _same(params[name], array):
+                raise ValueError(f"parameter {name!r} differs between functions")
+            params[name] = array
+        signatures.update(part.signatures)
+    return ImportedModel(tvm.IRModule(functions), params, signatures, dict(parts[0].source))
 
 
 def dim_text(dim, renames: dict[str, str]) -> int | str:
@@ -41,7 +60,7 @@ def dim_text(dim, renames: dict[str, str]) -> int | str:
         return renames.get(dim.name, dim.name)
     text = str(dim)
     for old, new in renames.items():
-        text = text.replace(old, new)
+        text = re.sub(rf"\b{re.escape(old)}\b", new, text)
     return text
 
 

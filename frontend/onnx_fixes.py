@@ -8,7 +8,8 @@ break the importer (a rank-0 ConstantOfShape becomes broadcast_to(x, R.shape([])
 1. ONNX shape inference with data propagation, so value shapes are known;
 2. `Shape` of a tensor whose shape is fully static becomes a constant;
 3. every node whose inputs are all constants is evaluated (onnx.reference) and replaced by a
-   Constant, to a fixed point. Weights are never touched (only small outputs are folded), and
+   Constant, to a fixed point; Constants written with value_float(s)/value_int(s)/... become
+   `value` tensors. Weights are never touched (only small outputs are folded), and
    `Shape` of a tensor with symbolic dims is kept, so symbolic dims stay symbolic.
 """
 
@@ -124,7 +125,13 @@ def _fold_constants(model):
         values = _constants(graph)
         nodes = []
         for node in graph.node:
-            foldable = (node.op_type not in _NOT_FOLDED and node.domain in ("", "ai.onnx")
+            # a Constant given as value_float(s)/value_int(s)/... becomes a `value` tensor,
+            # the only form TVM's importer reads
+            plain_constant = node.op_type == "Constant" and node.attribute and \
+                node.attribute[0].name == "value"
+            foldable = ((node.op_type not in _NOT_FOLDED or
+                         (node.op_type == "Constant" and not plain_constant))
+                        and node.domain in ("", "ai.onnx")
                         and len(node.output) == 1 and not _has_subgraph(node)
                         and all(name == "" or name in values for name in node.input))
             if foldable:
@@ -138,8 +145,8 @@ def _fold_constants(model):
                     result = np.asarray(evaluator.run(None, {})[0])
                 except Exception:  # the reference evaluator lacks it or rejects it: keep it
                     result = None
-                if result is not None and result.size <= MAX_FOLDED_ELEMENTS and \
-                        result.dtype != object:
+                if result is not None and result.dtype != object and (
+                        result.size <= MAX_FOLDED_ELEMENTS or node.op_type == "Constant"):
                     nodes.append(helper.make_node(
                         "Constant", [], [node.output[0]], name=node.name,
                         value=numpy_helper.from_array(result, node.output[0])))

@@ -87,7 +87,7 @@ def compile(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None
         "lowering": [r["pass"] for r in lowering],
         "compile_seconds": round(time.perf_counter() - started, 2),
     }
-    return CompiledModel(executable, used, manifest, dict(getattr(imported, "extra_files", {})))
+    return CompiledModel(executable, used, manifest, dict(imported.extra_files))
 
 
 def import_model(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None,

@@ -1,0 +1,186 @@
+"""Causal language models (Hugging Face transformers, Llama family first) exported for
+generation: `prefill` and `decode` entry points with the KV cache as explicit tensors.
+
+    prefill(input_ids[1, T], position_ids[1, T], past_k[L, 1, H, P, D], past_v)
+    decode (input_ids[1, 1], position_ids[1, 1], past_k, past_v)
+        -> (logits of the last position [1, V], new_k[L, 1, H, P + T, D], new_v)
+
+Both are exported from one wrapper module with torch.export and share one set of weights.
+Known pitfalls, handled here: transformers needs an explicit all-ones attention_mask (without
+it, it emits a shapeless bool cumsum that TVM cannot build); the past cache is built by
+assigning tensors to the cache layers (concatenating onto an empty tensor breaks import); the
+past length is `Dim.DYNAMIC` (a named Dim trips a torch guard).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from graft.frontend.imported import FunctionSignature, ImportedModel
+from graft.runtime.signature import TensorSpec
+from graft.runtime.errors import GraftError, ModelLoadError
+
+
+def load_hf_causal_lm(source):
+    """A transformers model and tokenizer from a .gguf file or a model directory."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(source)
+    if not path.exists():
+        raise ModelLoadError(f"model {str(path)!r} does not exist")
+    try:
+        if path.suffix.lower() == ".gguf":
+            kwargs = {"gguf_file": path.name}
+            directory = str(path.parent)
+        else:
+            kwargs, directory = {}, str(path)
+        tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs)
+    except Exception as err:
+        first = str(err).strip().splitlines()
+        raise ModelLoadError(f"could not load {str(path)!r} as a causal language model: "
+                             f"{type(err).__name__}: {first[0] if first else ''}") from None
+    return model.eval(), tokenizer
+
+
+def _wrapper(model):
+    import torch
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    class PastLayer(DynamicLayer):
+        """A cache layer holding an explicit past tensor (possibly of length 0)."""
+
+        def __init__(self, keys, values):
+            super().__init__()
+            self.keys, self.values = keys, values
+            self.dtype, self.device = keys.dtype, keys.device
+            self.is_initialized = True
+
+        def get_seq_length(self):
+            # upstream tests keys.numel() == 0: a data-dependent guard on the past length
+            return self.keys.shape[-2]
+
+    class ExplicitCacheLM(torch.nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, input_ids, position_ids, past_k, past_v):
+            past_len, new_len = past_k.shape[3], input_ids.shape[1]
+            cache = DynamicCache(config=self.lm.config)
+            cache.layers = [PastLayer(past_k[i], past_v[i]) for i in range(past_k.shape[0])]
+            mask = torch.ones(input_ids.shape[0], past_len + new_len, dtype=torch.long)
+            out = self.lm(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                          past_key_values=cache, use_cache=True, logits_to_keep=1)
+            new_k = torch.stack([layer.keys for layer in cache.layers])
+            new_v = torch.stack([layer.values for layer in cache.layers])
+            return out.logits[:, 0, :], new_k, new_v
+
+    return ExplicitCacheLM(model).eval()
+
+
+def cache_config(model) -> dict:
+    config = model.config
+    heads = config.num_attention_heads
+    return {
+        "num_layers": int(config.num_hidden_layers),
+        "num_kv_heads": int(getattr(config, "num_key_value_heads", None) or heads),
+        "head_dim": int(getattr(config, "head_dim", None) or config.hidden_size // heads),
+        "vocab_size": int(config.vocab_size),
+        "cache_dtype": "float32",
+    }
+
+
+def import_causal_lm(source, *, max_seq_len=None, converters=None) -> ImportedModel:
+    import torch
+
+    from graft.frontend import torch_frontend as tf
+
+    if isinstance(source, (str, os.PathLike)):
+        model, tokenizer = load_hf_causal_lm(source)
+        name = Path(source).name
+    else:
+        model, tokenizer, name = source, None, type(source).__name__
+    cache = cache_config(model)
+    limit = int(getattr(model.config, "max_position_embeddings", 2048))
+    max_seq_len = int(max_seq_len or limit)
+    if max_seq_len > limit:
+        raise GraftError(f"max_seq_len {max_seq_len} exceeds the model's context length {limit}")
+    wrapper = _wrapper(model)
+    layers, heads, head_dim = cache["num_layers"], cache["num_kv_heads"], cache["head_dim"]
+    dyn = torch.export.Dim.DYNAMIC
+
+    def past(length):
+        return torch.zeros(layers, 1, heads, length, head_dim)
+
+    ids = torch.ones(1, 5, dtype=torch.long)
+    positions = torch.arange(3, 8).unsqueeze(0)
+    dynamic = {"input_ids": {1: dyn}, "position_ids": {1: dyn}, "past_k": {3: dyn},
+               "past_v": {3: dyn}}
+    ep = tf.export_module(wrapper, (ids, positions, past(3), past(3)), dynamic)
+    prefill = tf.import_exported_program(ep, converters=converters, function_name="prefill")
+    sig = prefill.signatures["prefill"]
+    rename_dims(sig, {str(sig.inputs[0].shape[1]): "new_tokens",
+                      str(sig.inputs[2].shape[3]): "past_len"})
+    imported = with_decode(prefill)
+    for sig in imported.signatures.values():
+        for spec, name_ in zip(sig.outputs, ("logits", "new_k", "new_v")):
+            spec.name = name_
+    eos = getattr(model.generation_config, "eos_token_id", None) or model.config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    imported.source = {"frontend": "torch.export", "model": name,
+                       "architecture": type(model).__name__,
+                       "causal_lm": {**cache, "max_seq_len": max_seq_len,
+                                     "eos_token_ids": [int(e) for e in eos]}}
+    if tokenizer is not None:
+        imported.extra_files = {"tokenizer.json": tokenizer.backend_tokenizer.to_str().encode()}
+    return imported
+
+
+def with_decode(prefill: ImportedModel) -> ImportedModel:
+    """Add `decode`: `prefill` with the new-token count bound to 1, so its matmuls are
+    matrix-vector products."""
+    import tvm
+    from tvm import relax
+
+    func = prefill.mod["prefill"]
+    new_tokens = func.params[0].ty.shape.values[1]
+    copy = tvm.ir.load_json(tvm.ir.save_json(func))  # no Vars shared between the functions
+    decode_mod = tvm.IRModule({tvm.ir.GlobalVar("decode"): copy.with_attr("global_symbol",
+                                                                          "decode")})
+    decode_mod = relax.transform.BindSymbolicVars({new_tokens.name: 1})(decode_mod)
+    mod = prefill.mod.clone()
+    mod[tvm.ir.GlobalVar("decode")] = decode_mod["decode"]
+    signatures = dict(prefill.signatures)
+    sig = prefill.signatures["prefill"]
+    renamed = str(sig.inputs[0].shape[1])
+
+    def bind(specs):
+        return [TensorSpec(s.name, [_substitute(d, renamed, "1") for d in s.shape], s.dtype)
+                for s in specs]
+
+    signatures["decode"] = FunctionSignature(bind(sig.inputs), bind(sig.outputs),
+                                             list(sig.params))
+    return ImportedModel(mod, prefill.params, signatures, prefill.source)
+
+
+def _substitute(dim, name: str, value: str):
+    if not isinstance(dim, str):
+        return dim
+    if dim == name:
+        return int(value) if value.isdigit() else value
+    return re.sub(rf"\b{re.escape(name)}\b", value, dim)
+
+
+def rename_dims(sig: FunctionSignature, names: dict[str, str]) -> None:
+    """Give symbolic dims readable names in a signature (`s41` -> `past_len`)."""
+    for spec in sig.inputs + sig.outputs:
+        new_shape = []
+        for dim in spec.shape:
+            for old, new in names.items():
+                dim = _substitute(dim, old, new)
+            new_shape.append(dim)
+        spec.shape = new_shape

@@ -1,0 +1,117 @@
+"""Greedy generation with a causal-LM artifact (functions `prefill` and `decode`, the KV cache
+passed as explicit tensors).
+
+    prefill(input_ids[1, T], position_ids[1, T], past_k[L, 1, H, P, D], past_v)
+        -> (logits[1, V], new_k, new_v)
+    decode(input_ids[1, 1], position_ids[1, 1], past_k, past_v) -> (logits[1, V], new_k, new_v)
+
+where position_ids are P .. P+T-1 and new_k/new_v hold the P + T positions. The tokenizer travels in the artifact as
+tokenizer.json and is read with the `tokenizers` package (no torch needed).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import tvm
+
+from graft.runtime.errors import ArtifactError, RuntimeInputError
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass
+class GenerationResult:
+    token_ids: list[int]
+    text: str = ""
+    prompt_ids: list[int] = field(default_factory=list)
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        steps = max(len(self.token_ids) - 1, 0)
+        return steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+class Generator:
+    def __init__(self, artifact, tokenizer=None):
+        self.artifact = artifact
+        config = artifact.manifest.get("model", {}).get("causal_lm")
+        if config is None or "prefill" not in artifact.functions:
+            raise ArtifactError(f"{artifact.path} is not a causal language model artifact (it "
+                                "has no prefill/decode functions); compile a .gguf file or a "
+                                "Hugging Face causal LM")
+        self.config = config
+        self.prefill = artifact.function("prefill")
+        self.decode = artifact.function("decode")
+        self.eos_token_ids = set(config.get("eos_token_ids", []))
+        self.max_seq_len = int(config["max_seq_len"])
+        self._tokenizer = tokenizer
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            path = self.artifact.path / TOKENIZER_FILE
+            if TOKENIZER_FILE not in self.artifact.manifest["files"]:
+                raise ArtifactError(f"{self.artifact.path} carries no tokenizer; pass token ids")
+            try:
+                from tokenizers import Tokenizer
+            except ImportError:
+                raise ArtifactError("generating from text needs the `tokenizers` package "
+                                    "(pip install tokenizers), or pass token ids") from None
+            self._tokenizer = Tokenizer.from_file(str(path))
+        return self._tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text).ids)
+
+    def decode_text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def empty_cache(self):
+        c = self.config
+        shape = (c["num_layers"], 1, c["num_kv_heads"], 0, c["head_dim"])
+        empty = np.zeros(shape, dtype=c.get("cache_dtype", "float32"))
+        return (tvm.runtime.tensor(empty, self.artifact.device),
+                tvm.runtime.tensor(empty, self.artifact.device))
+
+    def generate(self, prompt, max_new_tokens: int = 32, on_token=None) -> GenerationResult:
+        """Greedy decoding. `prompt` is text or a list of token ids; `on_token(text)` receives
+        each new piece of text as it is generated."""
+        prompt_ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not prompt_ids:
+            raise RuntimeInputError("the prompt is empty")
+        if len(prompt_ids) + max_new_tokens > self.max_seq_len:
+            raise RuntimeInputError(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                f"the artifact's max_seq_len {self.max_seq_len}")
+        device = self.artifact.device
+        past_k, past_v = self.empty_cache()
+        start = time.perf_counter()
+        ids = tvm.runtime.tensor(np.array([prompt_ids], np.int64), device)
+        positions = tvm.runtime.tensor(np.arange(len(prompt_ids), dtype=np.int64)[None], device)
+        logits, past_k, past_v = self.prefill.run_tvm(ids, positions, past_k, past_v)
+        prefill_seconds = time.perf_counter() - start
+        generated: list[int] = []
+        shown = ""
+        start = time.perf_counter()
+        while True:
+            token = int(np.argmax(logits.numpy()[0]))
+            generated.append(token)
+            if on_token is not None:
+                text = self.decode_text(generated)
+                on_token(text[len(shown):])
+                shown = text
+            if token in self.eos_token_ids or len(generated) >= max_new_tokens:
+                break
+            ids = tvm.runtime.tensor(np.array([[token]], np.int64), device)
+            position = len(prompt_ids) + len(generated) - 1
+            positions = tvm.runtime.tensor(np.array([[position]], np.int64), device)
+            logits, past_k, past_v = self.decode.run_tvm(ids, positions, past_k, past_v)
+        decode_seconds = time.perf_counter() - start
+        text = self.decode_text(generated) if self._tokenizer is not None or isinstance(
+            prompt, str) else ""
+        return GenerationResult(generated, text, prompt_ids, prefill_seconds, decode_seconds)
