@@ -3,6 +3,7 @@ signature of each function."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 
@@ -33,23 +34,6 @@ class ImportedModel:
     source: dict = field(default_factory=dict)  # what was imported, for the manifest
     example_inputs: dict[str, list[np.ndarray]] = field(default_factory=dict)
     extra_files: dict[str, bytes] = field(default_factory=dict)  # written into the artifact
-
-
-def merge(parts: list["ImportedModel"]) -> "ImportedModel":
-    """One module with every part's functions; parameters of the same name and value are
-    stored once."""
-    functions, params, signatures = {}, {}, {}
-    for part in parts:
-        for gv, func in part.mod.functions_items():
-            if gv.name_hint in functions:
-                raise ValueError(f"two parts define function {gv.name_hint!r}")
-            functions[gv] = func
-        for name, array in part.params.items():
-            if name in params and not _same(params[name], array):
-                raise ValueError(f"parameter {name!r} differs between functions")
-            params[name] = array
-        signatures.update(part.signatures)
-    return ImportedModel(tvm.IRModule(functions), params, signatures, dict(parts[0].source))
 
 
 def dim_text(dim, renames: dict[str, str]) -> int | str:
@@ -94,12 +78,13 @@ def detach(mod: tvm.IRModule, input_names: dict[str, list[str]], output_names: d
            renames: dict[str, str] | None = None) -> tuple[tvm.IRModule, dict, dict]:
     """Detach parameters (`relax.frontend.detach_params`) and name them; build signatures.
 
-    Parameters are named by their Relax variable names; functions that take a parameter of the
-    same name and value share one stored array.
+    Parameters are named by their Relax variable names. Equal arrays are stored once: tied
+    weights (an LM head sharing the embedding) and a parameter several functions take.
     """
     renames = renames or {}
     mod, detached = relax.frontend.detach_params(mod)
     params: dict[str, np.ndarray] = {}
+    by_content: dict[tuple, str] = {}
     signatures = {}
     for gv, func in mod.functions_items():
         if not isinstance(func, relax.Function):
@@ -113,11 +98,17 @@ def detach(mod: tvm.IRModule, input_names: dict[str, list[str]], output_names: d
         param_names = []
         for var, value in zip(param_vars, values):
             array = value.numpy()
+            key = (array.shape, str(array.dtype),
+                   hashlib.blake2b(array.tobytes(), digest_size=16).digest())
+            if key in by_content:
+                param_names.append(by_content[key])
+                continue
             pname = var.name
             suffix = 1
-            while pname in params and not _same(params[pname], array):
+            while pname in params:
                 pname, suffix = f"{var.name}_{suffix}", suffix + 1
             params[pname] = array
+            by_content[key] = pname
             param_names.append(pname)
         inputs = struct_info_specs(
             relax.TupleType([v.ty for v in func.params[:num_input]]),
@@ -125,7 +116,3 @@ def detach(mod: tvm.IRModule, input_names: dict[str, list[str]], output_names: d
         outputs = struct_info_specs(func.ret_ty, output_names.get(name, []), renames)
         signatures[name] = FunctionSignature(inputs, outputs, param_names)
     return mod, params, signatures
-
-
-def _same(a: np.ndarray, b: np.ndarray) -> bool:
-    return a.shape == b.shape and a.dtype == b.dtype and np.array_equal(a, b)

@@ -86,3 +86,23 @@ def test_missing_and_corrupt_pt2(tmp_path):
     bad.write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(ModelLoadError, match="not a readable torch.export archive"):
         graft.compile(bad)
+
+
+def test_tied_weights_are_stored_once(tmp_path):
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 4)
+            self.head = torch.nn.Linear(4, 10, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.head(self.embed(ids))
+
+    model = Tied().eval()
+    compiled = graft.compile(model, (torch.tensor([[1, 2, 3]]),))
+    assert len(compiled.params) == 1
+    assert len(compiled.signatures["main"]["params"]) == 2  # the function still takes both
+    compiled.save(tmp_path / "a")
+    ids = torch.tensor([[4, 0, 9]])
+    assert max_abs(graft.load(tmp_path / "a")(ids), model(ids).detach().numpy()) < 1e-6
