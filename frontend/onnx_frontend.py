@@ -86,7 +86,6 @@ def input_specs_of(model, specs: list | None) -> list[TensorSpec]:
 
 
 def import_onnx(model, input_specs=None, *, converters=None) -> ImportedModel:
-    import onnx
     from tvm import tirx
     from tvm.relax.frontend.onnx import from_onnx
 

@@ -65,7 +65,8 @@ def compile(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None
     imported = import_model(model, example_inputs, dynamic_shapes=dynamic_shapes,
                             input_specs=input_specs, converters=converters, task=task,
                             max_seq_len=max_seq_len)
-    state = CompileState(imported.mod, imported.params, target=tvm_target,
+    state = CompileState(imported.mod, imported.params, dict(imported.signatures),
+                         target=tvm_target,
                          calibration=list(calibration) if calibration is not None else None,
                          flops_dims=_example_dims(imported))
     if dumper is not None:
@@ -76,13 +77,13 @@ def compile(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None
     user_records, lowering = records[:len(user_entries)], records[len(user_entries):]
     with progress.step(f"generating code for {tvm_target.kind.name}"):
         executable = codegen.build(state.mod, tvm_target)
-    used = _used_params(state, imported)
+    used = _used_params(state)
     manifest = {
         "versions": versions(),
         "target": target_json(tvm_target),
         "device": device_kind(tvm_target),
         "model": imported.source,
-        "functions": {name: sig.to_json() for name, sig in imported.signatures.items()},
+        "functions": {name: sig.to_json() for name, sig in state.signatures.items()},
         "passes": user_records,
         "lowering": [r["pass"] for r in lowering],
         "compile_seconds": round(time.perf_counter() - started, 2),
@@ -193,6 +194,6 @@ def _example_dims(imported: ImportedModel) -> dict[str, int]:
     return dims
 
 
-def _used_params(state: CompileState, imported: ImportedModel) -> dict[str, np.ndarray]:
-    names = {p for sig in imported.signatures.values() for p in sig.params}
+def _used_params(state: CompileState) -> dict[str, np.ndarray]:
+    names = {p for sig in state.signatures.values() for p in sig.params}
     return {k: v for k, v in state.params.items() if k in names}

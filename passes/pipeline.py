@@ -32,6 +32,7 @@ class CompileState:
 
     mod: tvm.IRModule
     params: dict[str, np.ndarray]
+    signatures: dict = field(default_factory=dict)  # function name -> FunctionSignature
     target: tvm.target.Target | None = None
     calibration: list | None = None
     flops_dims: dict[str, int] = field(default_factory=dict)  # symbolic dim sizes for FLOPs

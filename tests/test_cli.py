@@ -1,14 +1,11 @@
 """The CLI: one clear line and status 2 on bad input, no traceback unless --verbose."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
-import pytest
 
 GRAFT = [sys.executable, "-m", "graft.cli"]
 
