@@ -57,12 +57,13 @@ def import_exported_program(ep, *, converters=None, function_name: str = "main",
     from tvm.relax.frontend.torch import from_exported_program
 
     from graft.frontend.inbound_slice import InboundStridedSlice
+    from graft.frontend.negative_index import NegativeIndexTake
 
     ep = ep.run_decompositions()
     check_supported(ep, converters)
     mod = from_exported_program(ep, keep_params_as_input=True, run_ep_decomposition=False,
                                 custom_convert_map=converters or None)
-    mod = InboundStridedSlice()(mod)
+    mod = NegativeIndexTake()(InboundStridedSlice()(mod))
     if function_name != "main":
         mod = _rename_main(mod, function_name)
     input_names = [spec.arg.name for spec in ep.graph_signature.input_specs

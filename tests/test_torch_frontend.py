@@ -106,3 +106,20 @@ def test_tied_weights_are_stored_once(tmp_path):
     compiled.save(tmp_path / "a")
     ids = torch.tensor([[4, 0, 9]])
     assert max_abs(graft.load(tmp_path / "a")(ids), model(ids).detach().numpy()) < 1e-6
+
+
+def test_negative_index_selects_from_the_end(tmp_path):
+    """x[:, -1] imports as take(mode="fast"), which does not wrap negative indices."""
+
+    class LastAndSecondLast(torch.nn.Module):
+        def forward(self, x):
+            return x[:, -1] * 2 + x[:, -2] - x[:, 0, -1].unsqueeze(-1)
+
+    model = LastAndSecondLast()
+    compiled = graft.compile(model, (torch.randn(2, 5, 5),),
+                             dynamic_shapes={"x": {1: torch.export.Dim("seq")}})
+    compiled.save(tmp_path / "a")
+    runtime = graft.load(tmp_path / "a")
+    for seq in (2, 5, 9):
+        x = torch.randn(2, seq, 5)
+        assert max_abs(runtime(x), model(x).numpy()) < 1e-6
