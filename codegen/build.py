@@ -10,7 +10,6 @@ import tvm
 from tvm import relax
 from tvm.s_tir import dlight as dl
 
-from graft.codegen.dedup_concat import DedupConcat
 from graft.passes.pipeline import Entry, entry
 from graft.runtime.errors import BuildError
 
@@ -25,8 +24,8 @@ def schedule_rules(target: tvm.target.Target):
 def lowering_entries(target: tvm.target.Target) -> list[Entry]:
     """Legalize Relax ops into TIR, fuse, and schedule the kernels for the target."""
     return [
-        # FuseTIR cannot fuse a kernel that receives one tensor twice (rotary cat((f, f)))
-        entry("dedup_concat", DedupConcat()),
+        # x @ W.T as one kernel: otherwise every call transposes every weight first
+        entry("fuse_transpose_matmul", relax.transform.FuseTransposeMatmul()),
         # library dispatch for sampling and sort/scan ops (TVM's CPU/GPU backends)
         entry("dispatch_sampling", relax.backend.DispatchSampling()),
         entry("dispatch_sort_scan", relax.backend.DispatchSortScan()),

@@ -20,17 +20,23 @@ _threads_configured = False
 def configure_threads(num_threads: int | None = None) -> int:
     """Use every visible core (TVM's pool defaults to half of them on x86).
 
-    GRAFT_NUM_THREADS overrides the count.
+    GRAFT_NUM_THREADS (or TVM_NUM_THREADS) overrides the count. TVM reads TVM_NUM_THREADS when
+    its pool starts; `runtime.config_threadpool` alone does not raise the count past that.
     """
     global _threads_configured
     if num_threads is None:
-        env = os.environ.get("GRAFT_NUM_THREADS")
+        env = os.environ.get("GRAFT_NUM_THREADS") or os.environ.get("TVM_NUM_THREADS")
         num_threads = int(env) if env else len(os.sched_getaffinity(0))
+    os.environ["TVM_NUM_THREADS"] = str(num_threads)
     config = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
     if config is not None:
         config(0, num_threads)
     _threads_configured = True
     return num_threads
+
+
+def num_threads() -> int:
+    return int(tvm.get_global_func("runtime.NumThreads")())
 
 
 def device_for(kind: str):

@@ -154,3 +154,13 @@ def test_threads_share_one_artifact(tiny_model, tiny_artifact):
     for t in threads:
         t.join()
     assert errors == []
+
+
+def test_loading_uses_every_core(tiny_artifact):
+    code = ("import os, graft; from graft.runtime.session import num_threads; "
+            "graft.load(os.environ['ART']); print(num_threads(), len(os.sched_getaffinity(0)))")
+    result = run_python(code, env={"ART": str(tiny_artifact), "GRAFT_NUM_THREADS": "",
+                                   "TVM_NUM_THREADS": ""})
+    assert result.returncode == 0, result.stderr
+    used, cores = map(int, result.stdout.split())
+    assert used == cores
