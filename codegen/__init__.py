@@ -1,0 +1,1 @@
+"""Targets, lowering and scheduling of TIR kernels, and building the library."""
