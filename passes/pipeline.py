@@ -164,9 +164,6 @@ def _apply(item: Entry, state: CompileState) -> dict:
         else:
             state.mod = item.apply(state.mod)
         return {}
-    if callable(item.apply):
-        result = item.apply(state)
-        return result or {}
     raise TypeError(f"pipeline entry {item.name!r} is neither a TVM pass nor a GraftPass")
 
 
