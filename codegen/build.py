@@ -10,6 +10,11 @@ import tvm
 from tvm import relax
 from tvm.s_tir import dlight as dl
 
+from graft.codegen import cpu
+from graft.codegen.rewrites.fast_gelu import FAST_LEGALIZATIONS
+from graft.codegen.rewrites.matmul_broadcast import MatmulBroadcastWeight
+from graft.codegen.rewrites.prepack_weights import PrepackWeights
+from graft.codegen.schedule import ScheduleKernels
 from graft.passes.pipeline import Entry, entry
 from graft.runtime.errors import BuildError
 
@@ -18,19 +23,26 @@ def schedule_rules(target: tvm.target.Target):
     if target.kind.name == "cuda":
         return [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
                 dl.gpu.Fallback()]
-    return [dl.cpu.GEMV(), dl.cpu.Reduction()]
+    return cpu.rules()
 
 
 def lowering_entries(target: tvm.target.Target) -> list[Entry]:
     """Legalize Relax ops into TIR, fuse, and schedule the kernels for the target."""
+    on_cpu = target.kind.name == "llvm"
     return [
+        # matmul(x, broadcast_to(W)) reads W directly instead of a batch of copies
+        entry("matmul_broadcast_weight", MatmulBroadcastWeight()),
+        # CPU kernels want weights as [K, N]: transpose them once, here, not at every call
+        *([entry("prepack_weights", PrepackWeights())] if on_cpu else []),
         # x @ W.T as one kernel: otherwise every call transposes every weight first
         entry("fuse_transpose_matmul", relax.transform.FuseTransposeMatmul()),
+        # softmax, exp, erf and tanh by fast approximations (float32 rounding-level error)
+        entry("fast_math", relax.transform.FastMathTransform()),
         # library dispatch for sampling and sort/scan ops (TVM's CPU/GPU backends)
         entry("dispatch_sampling", relax.backend.DispatchSampling()),
         entry("dispatch_sort_scan", relax.backend.DispatchSortScan()),
         # Relax ops become TIR PrimFuncs
-        entry("legalize_ops", relax.transform.LegalizeOps()),
+        entry("legalize_ops", relax.transform.LegalizeOps(FAST_LEGALIZATIONS)),
         entry("annotate_tir_op_pattern", relax.transform.AnnotateTIROpPattern()),
         entry("fold_constant", relax.transform.FoldConstant()),
         # fuse element-wise epilogues into their producers
@@ -38,8 +50,7 @@ def lowering_entries(target: tvm.target.Target) -> list[Entry]:
         entry("fuse_tir", relax.transform.FuseTIR()),
         entry("dead_code_elimination", relax.transform.DeadCodeElimination()),
         # schedule the TIR kernels for the target
-        entry("schedule", dl.ApplyDefaultSchedule(*schedule_rules(target)),
-              rules=[type(r).__name__ for r in schedule_rules(target)]),
+        ScheduleKernels(schedule_rules(target)).as_entry(),
     ]
 
 

@@ -1,0 +1,135 @@
+"""Dense and batched matmul on CPU, with the element-wise epilogue fused into each tile.
+
+The main block is brought to C[S, I, J] += A[S, I, K] * B[S, J, K] (dlight's normal form), then
+tiled BLIS-style: chunks of rows x columns run in parallel; inside a chunk, a register tile of
+ROWS x (VECTORS * lanes) accumulates over the whole K in registers, reading one row of B as
+vectors and broadcasting single elements of A; the epilogue (bias, GELU, residual add) runs on
+each register tile while it is still in registers. B must be contiguous along J for that: weights
+are pre-transposed at compile time (see `passes/prepack_weights.py`); any other B (attention's
+K^T) is packed into [S, K, J] by a copy before the product.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+from tvm.target import Target
+from tvm.tirx import IndexMap
+
+from graft.codegen.cpu import common
+
+
+class Matmul(common.CPURule):
+    """C = A @ B (+ element-wise epilogue), static or symbolic M, batched or not."""
+
+    # register tiles (rows, vectors per row): 6 x 4 accumulators where 6 divides the rows, else
+    # 8 x 2 (a tile that straddles two rows of a batched operand makes the epilogue irregular)
+    TILES = ((6, 4), (8, 2))
+    K_BLOCK = 512     # K is blocked when longer than 1.5 blocks
+    CHUNK_COLS = 256  # columns of a strip (its panel of B is reused by every row tile)
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
+        if not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        main = common.single_reduction_block(sch)
+        if main is None:
+            return None
+        axes = common.gemm_axes(sch.get(main))
+        if axes is None or {"I", "J", "K"} - set(axes["kinds"].values()):
+            return None  # not a matmul, or a matrix-vector product (the GEMV rule's)
+        if not common.only_injective_besides(sch, main):
+            return None
+        common.inline_producers(sch, main)
+        lanes = common.vector_lanes(target, sch.get(main).writes[0].source.dtype)
+        rows, vectors = self.register_tile(sch, main, axes)
+        tile_cols = lanes * vectors
+        contiguous_j = common.b_contiguous_along_j(sch.get(main), axes)
+        read_a, read_b, write_c = common.normalize_gemm(sch, main, rows=True)
+        if sch.get_consumers(write_c):
+            sch.compute_inline(write_c)
+        common.inline_epilogue(sch, main)
+
+        # pad rows to whole register tiles, columns to whole vectors pairs; the operand copies
+        # are then inlined into the padding copies (or the product, where nothing was padded)
+        _, i, j, _ = sch.get_loops(main)
+        sch.pad_einsum(main, [1, common.pad_factor(sch, i, rows),
+                              common.pad_factor(sch, j, tile_cols), 1])
+        common.inline_epilogue(sch, main)
+        sch.compute_inline(read_a)
+        if contiguous_j:
+            sch.compute_inline(read_b)
+        else:  # pack B as [S, K, J] so a row of B is a vector of outputs
+            sch.transform_layout(read_b, ("write", 0),
+                                 IndexMap.from_func(lambda s, j, k: (s, k, j)))
+
+        # parallel over (batch, column strip, row tile); a task runs the strip's register tiles
+        # over the whole K, so the strip's panel of B stays in cache across the row tiles
+        batch, i, j, k = sch.get_loops(main)
+        strip_cols = tile_cols * common.chunk_count(sch, j, tile_cols, self.CHUNK_COLS)
+        i_tile, i_reg = sch.split(i, [None, rows])
+        j_strip, j_tile, j_reg = sch.split(j, [None, strip_cols // tile_cols, tile_cols])
+        k_block = self.k_block(common.extent(sch, k))
+        if k_block is None:
+            sch.reorder(batch, j_strip, i_tile, j_tile, k, i_reg, j_reg)
+            tile_level, k_first = j_tile, k
+        else:  # a long K in blocks: the row tile's strip of C accumulates in L1 between them
+            k_outer, k_inner = sch.split(k, [None, k_block])
+            sch.reorder(batch, j_strip, i_tile, k_outer, j_tile, k_inner, i_reg, j_reg)
+            tile_level, k_first = None, k_outer
+        tasks = sch.fuse(batch, j_strip, i_tile)
+        sch.parallel(tasks)
+        tile_level = tile_level or tasks
+
+        registers = sch.cache_write(main, 0, "local")
+        sch.reverse_compute_at(registers, tile_level, preserve_unit_loops=True)
+        final = registers
+        if sch.get_consumers(registers):
+            common.inline_epilogue(sch, registers)
+            try:
+                sch.compute_inline(registers)
+                final = common.transitive_consumers(sch, main)[-1]
+                sch.reverse_compute_at(final, tile_level, preserve_unit_loops=True)
+            except Exception:  # noqa: BLE001 - keep the write-back; the epilogue follows it
+                final = registers
+        self.vectorize_tile(sch, final, lanes)
+
+        sch.unroll(i_reg)
+        sch.vectorize(j_reg)
+        sch.decompose_reduction(main, k_first)
+        for block in common.blocks(sch):
+            if sch.get(block) != sch.get(main) and len(sch.get_loops(block)) and \
+                    not self.is_under_parallel(sch, block):
+                common.parallel_vectorize(sch, block, lanes)
+        return sch
+
+    def register_tile(self, sch: s_tir.Schedule, main, axes: dict) -> tuple[int, int]:
+        """The first tile whose row count divides the innermost row axis (the last when none
+        does, or when it is symbolic)."""
+        row_extents = [iv.dom.extent for iv in sch.get(main).iter_vars
+                       if axes["kinds"][iv.var] == "I"]
+        inner = row_extents[-1] if row_extents else None
+        for rows, vectors in self.TILES:
+            if isinstance(inner, tirx.IntImm) and inner.value % rows == 0:
+                return rows, vectors
+        return self.TILES[-1]
+
+    def k_block(self, k) -> int | None:
+        """The K block for a long static K (a divisor near K_BLOCK), else None."""
+        if not isinstance(k, int) or k <= self.K_BLOCK * 3 // 2:
+            return None
+        for block in range(self.K_BLOCK, 63, -16):
+            if k % block == 0:
+                return block
+        return None
+
+    @staticmethod
+    def is_under_parallel(sch: s_tir.Schedule, block) -> bool:
+        return any(sch.get(loop).kind == tirx.ForKind.PARALLEL for loop in sch.get_loops(block))
+
+    @staticmethod
+    def vectorize_tile(sch: s_tir.Schedule, block, lanes: int) -> None:
+        loops = sch.get_loops(block)
+        *_, row, _col = loops
+        common.vectorize_innermost(sch, block, lanes)
+        if isinstance(common.extent(sch, row), int):
+            sch.unroll(row)
