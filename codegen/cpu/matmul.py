@@ -56,10 +56,12 @@ class Matmul(common.CPURule):
                               common.pad_factor(sch, j, tile_cols), 1])
         common.inline_epilogue(sch, main)
         sch.compute_inline(read_a)
-        if contiguous_j:
+        operand_b = self.writer_of_operand(sch, main, 1)
+        if contiguous_j or not sch.get(operand_b).same_as(sch.get(read_b)):
             sch.compute_inline(read_b)
-        else:  # pack B as [S, K, J] so a row of B is a vector of outputs
-            sch.transform_layout(read_b, ("write", 0),
+        operand_b = self.writer_of_operand(sch, main, 1)
+        if operand_b is not None:  # a copy of B (packed or padded): as [S, K, J], rows of outputs
+            sch.transform_layout(operand_b, ("write", 0),
                                  IndexMap.from_func(lambda s, j, k: (s, k, j)))
 
         # parallel over (batch, column strip, row tile); a task runs the strip's register tiles
@@ -83,7 +85,7 @@ class Matmul(common.CPURule):
         registers = sch.cache_write(main, 0, "local")
         sch.reverse_compute_at(registers, tile_level, preserve_unit_loops=True)
         final = registers
-        if sch.get_consumers(registers):
+        if sch.get_consumers(registers) and self.one_row_and_column_axis(axes):
             common.inline_epilogue(sch, registers)
             try:
                 sch.compute_inline(registers)
@@ -101,6 +103,23 @@ class Matmul(common.CPURule):
                     not self.is_under_parallel(sch, block):
                 common.parallel_vectorize(sch, block, lanes)
         return sch
+
+    @staticmethod
+    def writer_of_operand(sch: s_tir.Schedule, main, index: int):
+        """The block producing the main block's `index`-th input, if one is in the function."""
+        buffer = sch.get(main).reads[index].source
+        for producer in sch.get_producers(main):
+            if any(w.source.same_as(buffer) for w in sch.get(producer).writes):
+                return producer
+        return None
+
+    @staticmethod
+    def one_row_and_column_axis(axes: dict) -> bool:
+        """Whether a register tile maps to a rectangle of the output. With rows (or columns)
+        from several axes, a tile may straddle two of them, and TVM's region analysis then gets
+        the tile's output region wrong: the epilogue then runs after the product instead."""
+        kinds = list(axes["kinds"].values())
+        return kinds.count("I") == 1 and kinds.count("J") == 1
 
     def register_tile(self, sch: s_tir.Schedule, main, axes: dict) -> tuple[int, int]:
         """The first tile whose row count divides the innermost row axis (the last when none

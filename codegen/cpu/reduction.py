@@ -26,8 +26,6 @@ class RowReduction(common.CPURule):
         if not reductions or not all(common.is_reduction(sch, b) or common.is_spatial(sch, b)
                                      for b in all_blocks):
             return None
-        if not common.is_spatial(sch, all_blocks[-1]):
-            return None
         rows = self.row_axes(sch, all_blocks)
         if not rows:
             return None
@@ -50,7 +48,8 @@ class RowReduction(common.CPURule):
         loops = sch.get_loops(last)
         row = sch.fuse(*loops[:rows]) if rows > 1 else loops[0]
         sch.parallel(row)
-        common.vectorize_innermost(sch, last, lanes) if len(loops) > rows else None
+        if common.is_spatial(sch, last) and len(loops) > rows:
+            common.vectorize_innermost(sch, last, lanes)
         for block in reversed(common.blocks(sch)[:-1]):
             sch.compute_at(block, row, preserve_unit_loops=True)
         for block in common.blocks(sch)[:-1]:
@@ -69,22 +68,21 @@ class RowReduction(common.CPURule):
 
     @staticmethod
     def row_axes(sch: s_tir.Schedule, all_blocks) -> int:
-        """How many leading loops every block has as spatial loops over the same extents."""
-        shapes = []
-        for block in all_blocks:
-            stmt = sch.get(block)
-            leading = []
-            for iv in stmt.iter_vars:
+        """How many leading axes (the reductions' leading spatial axes) every block shares."""
+        def leading(block):
+            extents = []
+            for iv in sch.get(block).iter_vars:
                 if iv.iter_type != tirx.IterVar.DataPar:
                     break
-                leading.append(iv.dom.extent)
-            if common.is_spatial(sch, block):
-                leading = leading[:-1]  # its innermost axis runs along the row
-            shapes.append(leading)
-        count = min(len(s) for s in shapes)
-        for n in range(count, 0, -1):
-            first = shapes[0][:n]
-            if all(all(_same(a, b) for a, b in zip(first, s[:n])) for s in shapes):
+                extents.append(iv.dom.extent)
+            return extents
+
+        reduced = [leading(b) for b in all_blocks if common.is_reduction(sch, b)]
+        spatial = [leading(b) for b in all_blocks if common.is_spatial(sch, b)]
+        for n in range(min(len(r) for r in reduced), 0, -1):
+            rows = reduced[0][:n]
+            if all(len(e) >= n and all(_same(a, b) for a, b in zip(rows, e[:n]))
+                   for e in reduced + spatial):
                 return n
         return 0
 
