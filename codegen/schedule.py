@@ -26,13 +26,8 @@ class ScheduleKernels(GraftPass):
     def options(self) -> dict:
         return {"rules": [type(r).__name__ for r in self.rules]}
 
-    def as_entry(self):
-        from graft.passes.pipeline import entry
-
-        return entry(self.name, self, **self.options())
-
     def run(self, state: CompileState) -> dict:
-        target = state.target
+        target = state.target or tvm.target.Target.current(allow_none=False)
         mod = state.mod.clone()
         counts: dict[str, int] = {}
         generic, failures = [], {}

@@ -60,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dump-dir", help="write the module after every pass, and passes.json")
     p.add_argument("--max-seq-len", type=int, help="causal LMs: longest prompt + generation "
                                                    "(default: the model's context length)")
+    p.add_argument("--tune", type=int, metavar="TRIALS",
+                   help="tune the kernels with MetaSchedule, TRIALS trials in all (optional; "
+                        "graft's schedule rules need no tuning)")
+    p.add_argument("--tune-db", metavar="DIR", default=None,
+                   help="MetaSchedule database directory reused by later compiles "
+                        "(default: ~/.cache/graft/tuning)")
     p.set_defaults(handler=_compile)
 
     p = sub.add_parser("run", parents=[common], help="run an artifact on inputs from a .npz file")
@@ -87,6 +93,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dim", action="append", default=[], metavar="NAME=SIZE",
                    help="size of a symbolic dim (default 1)")
     p.add_argument("--repeat", type=int, default=20)
+    p.add_argument("--function", help="entry point (default: main)")
+    p.add_argument("--profile", action="store_true", help="also print the kernels taking the "
+                                                           "most time")
+    p.add_argument("--top", type=int, default=15, help="kernels to list with --profile")
     p.set_defaults(handler=_bench)
     return parser
 
@@ -101,12 +111,21 @@ def _compile(args) -> int:
             target = json.loads(target)
         except json.JSONDecodeError as err:
             raise GraftError(f"--target {args.target!r} is not valid JSON: {err}") from None
+    tuning = None
+    if args.tune is not None:
+        tuning = {"trials": args.tune, "database": args.tune_db}
     compiled = graft.compile(args.model, input_specs=args.input or None, target=target,
-                             dump_dir=args.dump_dir, max_seq_len=args.max_seq_len)
+                             dump_dir=args.dump_dir, max_seq_len=args.max_seq_len,
+                             tuning=tuning)
     path = compiled.save(args.output)
     print(f"wrote {path}")
     for name, sig in compiled.signatures.items():
         print(f"  {name}({_specs(sig['inputs'])}) -> {_specs(sig['outputs'])}")
+    kernels = compiled.manifest.get("kernels", {})
+    generic = kernels.get("generic_kernels", [])
+    if generic:
+        print(f"warning: {len(generic)} kernel(s) got only the generic parallel/vectorize "
+              f"schedule (expect them to be slow): {', '.join(generic)}", file=sys.stderr)
     return 0
 
 
@@ -202,7 +221,7 @@ def _bench(args) -> int:
             raise GraftError(f"--dim {item!r}: expected NAME=SIZE, e.g. batch=8")
         dims[name] = int(size)
     artifact = graft.load(args.artifact)
-    function = artifact.main
+    function = artifact.function(args.function) if args.function else artifact.main
     rng = np.random.default_rng(0)
     inputs = []
     for spec in function.inputs:
@@ -221,6 +240,16 @@ def _bench(args) -> int:
     ms = np.array(times) * 1e3
     print(f"{function.name}: p50 {np.percentile(ms, 50):.3f} ms  p90 {np.percentile(ms, 90):.3f} "
           f"ms  p99 {np.percentile(ms, 99):.3f} ms  ({args.repeat} runs)")
+    if args.profile:
+        from graft.runtime.profile import profile
+
+        kernels, run_ms = profile(function, tensors, repeat=max(3, args.repeat // 4))
+        total = sum(k.total_ms for k in kernels)
+        print(f"kernels by time (per run; {total:.3f} ms in kernels of {run_ms:.3f} ms "
+              "measured with the profiler on):")
+        for k in kernels[:args.top]:
+            print(f"  {k.total_ms:9.3f} ms {100 * k.total_ms / max(total, 1e-9):5.1f}%  "
+                  f"{k.calls:4d} call{'s' if k.calls != 1 else ' '}  {k.name}")
     return 0
 
 

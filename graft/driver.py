@@ -42,7 +42,8 @@ class CompiledModel:
 
 def compile(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None,  # noqa: A001
             target="cpu", passes=(), calibration=None, dump_dir=None, converters=None,
-            task: str | None = None, max_seq_len: int | None = None) -> CompiledModel:
+            task: str | None = None, max_seq_len: int | None = None,
+            tuning: dict | None = None) -> CompiledModel:
     """Compile `model` for `target`.
 
     model: torch.nn.Module (with example_inputs), torch.export.ExportedProgram, a path to a
@@ -58,6 +59,8 @@ def compile(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None
     converters: {op name: converter} for operators TVM's importers lack.
     task: "causal-lm" compiles prefill/decode entry points for generation (detected for
         transformers *ForCausalLM models, HF directories and .gguf files).
+    tuning: {"trials": N, "database": DIR} tunes kernels with MetaSchedule first (optional;
+        a database from an earlier compile is reused).
     """
     started = time.perf_counter()
     tvm_target = resolve_target(target)
@@ -73,7 +76,7 @@ def compile(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None
         dumper.after(0, Entry("import", None, {"frontend": imported.source.get("frontend")}),
                      state, time.perf_counter() - started, {"functions": list(imported.signatures)})
     user_entries = [_as_entry(p) for p in passes]
-    records = run_pipeline(state, user_entries + codegen.lowering_entries(tvm_target), dumper)
+    records = run_pipeline(state, user_entries + codegen.lowering_entries(tvm_target, tuning), dumper)
     user_records, lowering = records[:len(user_entries)], records[len(user_entries):]
     with progress.step(f"generating code for {tvm_target.kind.name}"):
         executable = codegen.build(state.mod, tvm_target)
@@ -86,6 +89,7 @@ def compile(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None
         "functions": {name: sig.to_json() for name, sig in state.signatures.items()},
         "passes": user_records,
         "lowering": [r["pass"] for r in lowering],
+        "kernels": _kernel_report(lowering),
         "compile_seconds": round(time.perf_counter() - started, 2),
     }
     return CompiledModel(executable, used, manifest, dict(imported.extra_files))
@@ -192,6 +196,16 @@ def _example_dims(imported: ImportedModel) -> dict[str, int]:
                     if isinstance(dim, tvm.tirx.Var):
                         dims[dim.name] = int(size)
     return dims
+
+
+def _kernel_report(lowering_records: list) -> dict:
+    """Which schedule rule took how many kernels, and which got only the generic fallback."""
+    for record in lowering_records:
+        if record["pass"] == "schedule":
+            did = record.get("did", {})
+            return {"rules": did.get("rules", {}),
+                    "generic_kernels": did.get("generic_kernels", [])}
+    return {}
 
 
 def _used_params(state: CompileState) -> dict[str, np.ndarray]:

@@ -50,6 +50,9 @@ class GraftPass:
         """Transform `state` in place; return what was done (recorded in passes.json)."""
         raise NotImplementedError
 
+    def as_entry(self) -> "Entry":
+        return Entry(self.name, self, self.options())
+
 
 @dataclass
 class Entry:

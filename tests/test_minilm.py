@@ -65,6 +65,14 @@ def test_torch_export(minilm, tmp_path):
                                                 "attention_mask:batchxseq:int64"]
     assert [str(s) for s in runtime.outputs] == ["output:batchxseqx384:float32"]
     check_against_pytorch(minilm, runtime)
+    assert_every_kernel_scheduled(runtime)
+
+
+def assert_every_kernel_scheduled(runtime):
+    """Every kernel got one of graft's schedule rules, none only the generic fallback."""
+    kernels = runtime.manifest["kernels"]
+    assert kernels["generic_kernels"] == [], kernels
+    assert {"Matmul", "RowReduction", "Elementwise"} <= set(kernels["rules"]), kernels
 
 
 def test_onnx_legacy_exporter(minilm, tmp_path):
@@ -79,6 +87,7 @@ def test_onnx_legacy_exporter(minilm, tmp_path):
     assert [str(s) for s in runtime.inputs] == ["input_ids:batchxseq:int64",
                                                 "attention_mask:batchxseq:int64"]
     check_against_pytorch(minilm, runtime)
+    assert_every_kernel_scheduled(runtime)
 
 
 def test_onnx_dynamo_exporter(minilm, tmp_path):
@@ -92,3 +101,4 @@ def test_onnx_dynamo_exporter(minilm, tmp_path):
     runtime = graft.load(tmp_path / "art")
     assert [s.shape for s in runtime.inputs] == [["batch", "seq"], ["batch", "seq"]]
     check_against_pytorch(minilm, runtime)
+    assert_every_kernel_scheduled(runtime)
