@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from dataclasses import dataclass, field
@@ -48,7 +49,8 @@ def compile(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None
 
     model: torch.nn.Module (with example_inputs), torch.export.ExportedProgram, a path to a
         .pt2 or .onnx file, an onnx.ModelProto, or a causal language model (a transformers
-        model, a Hugging Face directory or a .gguf file) for generation.
+        model, a Hugging Face directory or a .gguf file) for generation; or what
+        `import_model` returned (to compile one import for several targets).
     example_inputs: tuple of tensors/arrays for a torch module; for ONNX, optional input specs
         (`NAME:SHAPE:DTYPE` strings or TensorSpec) overriding the graph's own.
     dynamic_shapes: torch.export style, for a torch module.
@@ -65,10 +67,15 @@ def compile(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None
     started = time.perf_counter()
     tvm_target = resolve_target(target)
     dumper = DumpInstrument(dump_dir) if dump_dir is not None else None
-    imported = import_model(model, example_inputs, dynamic_shapes=dynamic_shapes,
-                            input_specs=input_specs, converters=converters, task=task,
-                            max_seq_len=max_seq_len)
-    state = CompileState(imported.mod, imported.params, dict(imported.signatures),
+    if isinstance(model, ImportedModel):  # imported once, compiled for several targets
+        imported = model
+    else:
+        imported = import_model(model, example_inputs, dynamic_shapes=dynamic_shapes,
+                                input_specs=input_specs, converters=converters, task=task,
+                                max_seq_len=max_seq_len)
+    # passes rewrite parameters and signatures: the imported model itself stays as it was
+    state = CompileState(imported.mod, dict(imported.params),
+                         {name: copy.deepcopy(sig) for name, sig in imported.signatures.items()},
                          target=tvm_target,
                          calibration=list(calibration) if calibration is not None else None,
                          flops_dims=_example_dims(imported))

