@@ -76,8 +76,27 @@ def _finalize_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
         relax.transform.ComputePrimValue(),
         relax.transform.VMShapeLower(),
         relax.transform.AttachGlobalSymbol(),
+        shape_functions_noalias,
     ]
     return tvm.transform.Sequential(passes)
+
+
+@tvm.transform.module_pass(opt_level=0, name="ShapeFunctionsNoAlias")
+def shape_functions_noalias(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """Mark the VM's shape functions `tirx.noalias` (they take one buffer, so it holds).
+
+    Measured: one PrimFunc without the attribute in the LLVM module makes LLVM keep every
+    kernel's register-tile accumulators in memory (a symbolic-shape matmul ran 2.5x slower)."""
+    updates = {gv: func.with_attr("tirx.noalias", True) for gv, func in mod.functions_items()
+               if isinstance(func, tvm.tirx.PrimFunc)
+               and not (func.attrs is not None and func.attrs.get("tirx.noalias", False))
+               and len(func.params) == 1}
+    if not updates:
+        return mod
+    mod = mod.clone()
+    for gv, func in updates.items():
+        mod[gv] = func
+    return mod
 
 
 def build(mod: tvm.IRModule, target: tvm.target.Target):

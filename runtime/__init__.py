@@ -9,8 +9,13 @@ from graft.runtime.session import Artifact, Function, configure_threads
 from graft.runtime.signature import TensorSpec
 
 
-def load(path) -> Artifact:
-    """Load an artifact directory written by `graft compile` / `graft.compile(...).save(...)`."""
+def load(path, num_threads: int | None = None) -> Artifact:
+    """Load an artifact directory written by `graft compile` / `graft.compile(...).save(...)`.
+
+    num_threads: CPU threads for the kernels (default: GRAFT_NUM_THREADS, else every core).
+    The thread pool is per process: the last count set applies to every loaded artifact."""
+    if num_threads is not None:
+        configure_threads(num_threads)
     return Artifact(path)
 
 

@@ -23,7 +23,8 @@ class Matmul(common.CPURule):
 
     # register tiles (rows, vectors per row): 6 x 4 accumulators where 6 divides the rows, else
     # 8 x 2 (a tile that straddles two rows of a batched operand makes the epilogue irregular)
-    TILES = ((6, 4), (8, 2))
+    TILES = ((8, 3), (6, 4), (8, 2))
+    K_UNROLL = 4      # k steps unrolled in the register-tile loop
     K_BLOCK = 512     # K is blocked when longer than 1.5 blocks
     CHUNK_COLS = 256  # columns of a strip (its panel of B is reused by every row tile)
 
@@ -41,7 +42,7 @@ class Matmul(common.CPURule):
             return None
         common.inline_producers(sch, main)
         lanes = common.vector_lanes(target, sch.get(main).writes[0].source.dtype)
-        rows, vectors = self.register_tile(sch, main, axes)
+        rows, vectors = self.register_tile(sch, main, axes, lanes)
         tile_cols = lanes * vectors
         contiguous_j = common.b_contiguous_along_j(sch.get(main), axes)
         read_a, read_b, write_c = common.normalize_gemm(sch, main, rows=True)
@@ -60,9 +61,18 @@ class Matmul(common.CPURule):
         if contiguous_j or not sch.get(operand_b).same_as(sch.get(read_b)):
             sch.compute_inline(read_b)
         operand_b = self.writer_of_operand(sch, main, 1)
-        if operand_b is not None:  # a copy of B (packed or padded): as [S, K, J], rows of outputs
+        tc = tile_cols
+        if operand_b is not None:  # a copy of B (packed or padded): as [S, J/tc, K, tc] panels
             sch.transform_layout(operand_b, ("write", 0),
-                                 IndexMap.from_func(lambda s, j, k: (s, k, j)))
+                                 IndexMap.from_func(lambda s, j, k: (s, j // tc, k, j % tc)))
+        elif common.extent(sch, sch.get_loops(main)[2]) != tc:
+            # B read in place ([K, N] or [S, K, N]) with more than one panel of columns: copy it
+            # into [.., N/tc, K, tc] panels (with N == tc it is already one panel)
+            ndim = len(sch.get(main).reads[1].source.shape)
+            packed = sch.cache_read(main, 1, "global")
+            panel = (lambda k, n: (n // tc, k, n % tc)) if ndim == 2 else \
+                (lambda s, k, n: (s, n // tc, k, n % tc))
+            sch.transform_layout(packed, ("write", 0), IndexMap.from_func(panel))
 
         # parallel over (batch, column strip, row tile); a task runs the strip's register tiles
         # over the whole K, so the strip's panel of B stays in cache across the row tiles
@@ -96,8 +106,15 @@ class Matmul(common.CPURule):
         self.vectorize_tile(sch, final, lanes)
 
         sch.unroll(i_reg)
-        sch.vectorize(j_reg)
+        j_vec, j_lane = sch.split(j_reg, [None, lanes])  # whole zmm vectors, never 48 lanes
+        sch.unroll(j_vec)
+        sch.vectorize(j_lane)
         sch.decompose_reduction(main, k_first)
+        k_loop = sch.get_loops(main)[-4]  # k (or k_inner), above i_reg, j_vec, j_lane
+        if isinstance(common.extent(sch, k_loop), int) and \
+                common.extent(sch, k_loop) % self.K_UNROLL == 0:
+            _, k_unrolled = sch.split(k_loop, [None, self.K_UNROLL])
+            sch.unroll(k_unrolled)
         for block in common.blocks(sch):
             if sch.get(block) != sch.get(main) and len(sch.get_loops(block)) and \
                     not self.is_under_parallel(sch, block):
@@ -121,15 +138,24 @@ class Matmul(common.CPURule):
         kinds = list(axes["kinds"].values())
         return kinds.count("I") == 1 and kinds.count("J") == 1
 
-    def register_tile(self, sch: s_tir.Schedule, main, axes: dict) -> tuple[int, int]:
+    def register_tile(self, sch: s_tir.Schedule, main, axes: dict, lanes: int) -> tuple[int, int]:
         """The first tile whose row count divides the innermost row axis (the last when none
         does, or when it is symbolic)."""
-        row_extents = [iv.dom.extent for iv in sch.get(main).iter_vars
-                       if axes["kinds"][iv.var] == "I"]
+        ivs = sch.get(main).iter_vars
+        row_extents = [iv.dom.extent for iv in ivs if axes["kinds"][iv.var] == "I"]
         inner = row_extents[-1] if row_extents else None
-        for rows, vectors in self.TILES:
+        cols = 1
+        for iv in ivs:
+            if axes["kinds"][iv.var] == "J":
+                cols = cols * iv.dom.extent.value if isinstance(iv.dom.extent, tirx.IntImm) \
+                    and isinstance(cols, int) else None
+        fits_cols = [(r, v) for r, v in self.TILES
+                     if isinstance(cols, int) and cols % (v * lanes) == 0]
+        for rows, vectors in fits_cols:
             if isinstance(inner, tirx.IntImm) and inner.value % rows == 0:
                 return rows, vectors
+        if fits_cols and not isinstance(inner, tirx.IntImm):  # symbolic M: padded anyway
+            return fits_cols[0]
         return self.TILES[-1]
 
     def k_block(self, k) -> int | None:
