@@ -81,16 +81,29 @@ class Matmul(common.CPURule):
         i_tile, i_reg = sch.split(i, [None, rows])
         j_strip, j_tile, j_reg = sch.split(j, [None, strip_cols // tile_cols, tile_cols])
         k_block = self.k_block(common.extent(sch, k))
+        # Tasks: (batch, column strip, row tile) fused when all are static. With a symbolic
+        # extent, a task's tile position would come out of `task % extent`, which TVM cannot
+        # prove non-negative; the register tile's offset then stays a run-time value and the
+        # accumulators live in memory. So: a symbolic or large batch alone is the parallel
+        # loop; otherwise the symbolic row tiles go outermost (position = task // constant).
+        batch_n, rows_n = common.extent(sch, batch), common.extent(sch, i_tile)
+        if isinstance(batch_n, int) and isinstance(rows_n, int):
+            outer, parallel = (batch, j_strip, i_tile), 3
+        elif not isinstance(batch_n, int) or batch_n >= 4 * common.num_cores(target):
+            outer, parallel = (batch, i_tile, j_strip), 1
+        else:
+            outer, parallel = (i_tile, batch, j_strip), 3
         if k_block is None:
-            sch.reorder(batch, j_strip, i_tile, j_tile, k, i_reg, j_reg)
+            sch.reorder(*outer, j_tile, k, i_reg, j_reg)
             tile_level, k_first = j_tile, k
         else:  # a long K in blocks: the row tile's strip of C accumulates in L1 between them
             k_outer, k_inner = sch.split(k, [None, k_block])
-            sch.reorder(batch, j_strip, i_tile, k_outer, j_tile, k_inner, i_reg, j_reg)
+            sch.reorder(*outer, k_outer, j_tile, k_inner, i_reg, j_reg)
             tile_level, k_first = None, k_outer
-        tasks = sch.fuse(batch, j_strip, i_tile)
+        tasks = sch.fuse(*outer[:parallel]) if parallel > 1 else outer[0]
         sch.parallel(tasks)
-        tile_level = tile_level or tasks
+        if tile_level is None:  # the K-blocked tile accumulates at the innermost task loop
+            tile_level = tasks if parallel == 3 else outer[-1]
 
         registers = sch.cache_write(main, 0, "local")
         sch.reverse_compute_at(registers, tile_level, preserve_unit_loops=True)
