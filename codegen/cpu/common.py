@@ -79,14 +79,15 @@ def pad_factor(sch: s_tir.Schedule, loop, multiple: int) -> int:
 
 
 def chunk_count(sch: s_tir.Schedule, loop, tile: int, chunk: int) -> int:
-    """How many tiles make a parallel chunk: about `chunk` elements, never more than the loop."""
-    count = max(chunk // tile, 1)
+    """How many tiles make a chunk: about `chunk` elements and a divisor of the loop's tile
+    count, so the split needs no tail predicate (1 for a symbolic extent, for the same reason)."""
     n = extent(sch, loop)
-    if isinstance(n, int):
-        tiles = -(-n // tile)
-        count = min(count, tiles)
-        while tiles % count:
-            count -= 1
+    if not isinstance(n, int):
+        return 1
+    tiles = -(-n // tile)
+    count = min(max(chunk // tile, 1), tiles)
+    while tiles % count:
+        count -= 1
     return count
 
 
@@ -193,15 +194,31 @@ def vectorize_innermost(sch: s_tir.Schedule, block, lanes: int) -> None:
     sch.vectorize(vec)
 
 
+SMALL_KERNEL = 8192  # elements; fewer run on one thread (waking the pool costs more)
+
+
+def static_size(sch: s_tir.Schedule, loops) -> int | None:
+    """The product of the loops' extents; None if any is symbolic."""
+    total = 1
+    for loop in loops:
+        n = extent(sch, loop)
+        if not isinstance(n, int):
+            return None
+        total *= n
+    return total
+
+
 def parallel_vectorize(sch: s_tir.Schedule, block, lanes: int) -> None:
-    """Run a spatial block's outer loops in parallel and vectorize its innermost loop."""
+    """Run a spatial block's outer loops in parallel (unless the block is small) and vectorize
+    its innermost loop."""
     loops = sch.get_loops(block)
     if not loops:
         return
+    size = static_size(sch, loops)
     vectorize_innermost(sch, block, lanes)
     loops = sch.get_loops(block)
     outer = loops[:-1] if len(loops) > 1 else []
-    if outer:
+    if outer and (size is None or size >= SMALL_KERNEL):
         sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
 
 

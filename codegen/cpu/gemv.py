@@ -20,7 +20,7 @@ from graft.codegen.cpu import common
 
 
 class GEMV(common.CPURule):
-    STRIP = 1024        # most columns one task accumulates
+    STRIP = 512         # most columns one task accumulates (measured: 512 streams best)
     TASKS_PER_CORE = 4  # parallel tasks wanted per core (load balance)
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
@@ -105,7 +105,7 @@ class GEMV(common.CPURule):
         """Vectors per strip: as many as fit in STRIP columns and divide the column count."""
         most = max(self.STRIP // width, 1)
         if not isinstance(n, int):
-            return most
+            return 1  # a strip that does not divide the columns would need a tail predicate
         vectors = n // width
         count = min(most, vectors)
         while vectors % count:

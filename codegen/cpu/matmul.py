@@ -52,8 +52,9 @@ class Matmul(common.CPURule):
 
         # pad rows to whole register tiles, columns to whole vectors pairs; the operand copies
         # are then inlined into the padding copies (or the product, where nothing was padded)
-        _, i, j, _ = sch.get_loops(main)
-        sch.pad_einsum(main, [1, common.pad_factor(sch, i, rows),
+        batch, i, j, _ = sch.get_loops(main)
+        row_groups = self.row_groups(sch, batch, i, target)
+        sch.pad_einsum(main, [1, common.pad_factor(sch, i, rows * row_groups),
                               common.pad_factor(sch, j, tile_cols), 1])
         common.inline_epilogue(sch, main)
         sch.compute_inline(read_a)
@@ -89,10 +90,11 @@ class Matmul(common.CPURule):
         batch_n, rows_n = common.extent(sch, batch), common.extent(sch, i_tile)
         if isinstance(batch_n, int) and isinstance(rows_n, int):
             outer, parallel = (batch, j_strip, i_tile), 3
-        elif not isinstance(batch_n, int) or batch_n >= 4 * common.num_cores(target):
+        elif row_groups == 1:
             outer, parallel = (batch, i_tile, j_strip), 1
-        else:
-            outer, parallel = (i_tile, batch, j_strip), 3
+        else:  # symbolic rows, padded to `row_groups` groups: (strip, group) tasks, static
+            i_group, i_tile = sch.split(i_tile, [row_groups, None])
+            outer, parallel = (batch, j_strip, i_group, i_tile), 3
         if k_block is None:
             sch.reorder(*outer, j_tile, k, i_reg, j_reg)
             tile_level, k_first = j_tile, k
@@ -102,8 +104,8 @@ class Matmul(common.CPURule):
             tile_level, k_first = None, k_outer
         tasks = sch.fuse(*outer[:parallel]) if parallel > 1 else outer[0]
         sch.parallel(tasks)
-        if tile_level is None:  # the K-blocked tile accumulates at the innermost task loop
-            tile_level = tasks if parallel == 3 else outer[-1]
+        if tile_level is None:  # the K-blocked tile accumulates at the innermost outer loop
+            tile_level = tasks if parallel == len(outer) else outer[-1]
 
         registers = sch.cache_write(main, 0, "local")
         sch.reverse_compute_at(registers, tile_level, preserve_unit_loops=True)
@@ -133,6 +135,17 @@ class Matmul(common.CPURule):
                     not self.is_under_parallel(sch, block):
                 common.parallel_vectorize(sch, block, lanes)
         return sch
+
+    @staticmethod
+    def row_groups(sch: s_tir.Schedule, batch, i, target: Target) -> int:
+        """For symbolic rows under a small static batch: how many groups the (padded) rows are
+        split into, so tasks are (strip, group) with static extents. 1 otherwise (a symbolic or
+        large batch is parallel by itself)."""
+        batch_n, rows_n = common.extent(sch, batch), common.extent(sch, i)
+        cores = common.num_cores(target)
+        if isinstance(rows_n, int) or not isinstance(batch_n, int) or batch_n >= 4 * cores:
+            return 1
+        return 2 * cores
 
     @staticmethod
     def writer_of_operand(sch: s_tir.Schedule, main, index: int):

@@ -46,8 +46,10 @@ class RowReduction(common.CPURule):
 
         last = common.blocks(sch)[-1]
         loops = sch.get_loops(last)
+        size = common.static_size(sch, loops)
         row = sch.fuse(*loops[:rows]) if rows > 1 else loops[0]
-        sch.parallel(row)
+        if size is None or size >= common.SMALL_KERNEL:
+            sch.parallel(row)
         if common.is_spatial(sch, last) and len(loops) > rows:
             common.vectorize_innermost(sch, last, lanes)
         for block in reversed(common.blocks(sch)[:-1]):
