@@ -154,8 +154,15 @@ def test_elementwise_transpose_broadcast_symbolic():
 
     def graph(bb, v):
         return relax.op.multiply(relax.op.permute_dims(v[0], [0, 2, 1, 3]),
-                                 relax.op.reshape(v[1], [1, 1, -1, 1]) if False else
                                  relax.op.expand_dims(v[1], [0]))
 
     out = _lower_and_run(graph, [((2, "s", 3, 32), x), (("s", 1), y)], {"Elementwise": 1})
     np.testing.assert_allclose(out, x.transpose(0, 2, 1, 3) * y[None], rtol=1e-6)
+
+
+def test_fast_sigmoid_silu():
+    """Llama's SiLU: x * sigmoid(x), legalized with a fast exp."""
+    x = _rand(3, 7, 160) * 6
+    out = _lower_and_run(lambda bb, v: relax.op.multiply(v[0], relax.op.sigmoid(v[0])),
+                         [((3, "t", 160), x)], {"Elementwise": 1})
+    np.testing.assert_allclose(out, x / (1 + np.exp(-x)), rtol=1e-5, atol=1e-6)

@@ -26,6 +26,7 @@ class Matmul(common.CPURule):
     TILES = ((8, 3), (6, 4), (8, 2))
     K_UNROLL = 4      # k steps unrolled in the register-tile loop
     K_BLOCK = 512     # K is blocked when longer than 1.5 blocks
+    PACK_MIN_ROWS = 512  # B is copied into panels only for at least this many (static) rows
     CHUNK_COLS = 256  # columns of a strip (its panel of B is reused by every row tile)
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
@@ -66,7 +67,8 @@ class Matmul(common.CPURule):
         if operand_b is not None:  # a copy of B (packed or padded): as [S, J/tc, K, tc] panels
             sch.transform_layout(operand_b, ("write", 0),
                                  IndexMap.from_func(lambda s, j, k: (s, j // tc, k, j % tc)))
-        elif common.extent(sch, sch.get_loops(main)[2]) != tc:
+        elif common.extent(sch, sch.get_loops(main)[2]) != tc and \
+                self.enough_rows_to_pack(sch, main):
             # B read in place ([K, N] or [S, K, N]) with more than one panel of columns: copy it
             # into [.., N/tc, K, tc] panels (with N == tc it is already one panel)
             ndim = len(sch.get(main).reads[1].source.shape)
@@ -135,6 +137,12 @@ class Matmul(common.CPURule):
                     not self.is_under_parallel(sch, block):
                 common.parallel_vectorize(sch, block, lanes)
         return sch
+
+    def enough_rows_to_pack(self, sch: s_tir.Schedule, main) -> bool:
+        """Whether copying B into panels pays: it costs a pass over B per call, and gains a few
+        percent per row tile; a symbolic row count may be small (a short prompt)."""
+        rows = common.extent(sch, sch.get_loops(main)[1])
+        return isinstance(rows, int) and rows >= self.PACK_MIN_ROWS
 
     @staticmethod
     def row_groups(sch: s_tir.Schedule, batch, i, target: Target) -> int:

@@ -1,4 +1,5 @@
-"""GELU legalized with TVM's fast erf approximation instead of the exact (slow) erf.
+"""GELU and sigmoid legalized with TVM's fast erf / exp approximations instead of the exact
+(slow, scalar libm) functions.
 
 `relax.nn.gelu` is not touched by FastMathTransform; its default legalization calls `erf`,
 which costs more than all matmuls of a BERT layer. `topi.fast_erf` agrees with erf to float32
@@ -7,6 +8,7 @@ rounding.
 
 from __future__ import annotations
 
+import tvm
 from tvm import te, tirx, topi
 
 
@@ -23,4 +25,15 @@ def _fast_gelu(bb, call):
     return bb.call_te(gelu, call.args[0], primfunc_name_hint="gelu")
 
 
-FAST_LEGALIZATIONS = {"relax.nn.gelu": _fast_gelu}
+def _fast_sigmoid(bb, call):
+    """sigmoid(x) = 1 / (1 + exp(-x)) with TVM's fast exp (SiLU in Llama-family MLPs)."""
+    def sigmoid(x: te.Tensor) -> te.Tensor:
+        one = tirx.const(1.0, x.dtype)
+        return topi.divide(one, topi.add(one, topi.fast_exp(topi.negative(x))))
+
+    if call.args[0].ty.dtype != "float32":  # fast_exp is float32-only
+        return tvm.ir.Op.get("relax.sigmoid").get_attr("FLegalize")(bb, call)
+    return bb.call_te(sigmoid, call.args[0], primfunc_name_hint="sigmoid")
+
+
+FAST_LEGALIZATIONS = {"relax.nn.gelu": _fast_gelu, "relax.sigmoid": _fast_sigmoid}
