@@ -4,8 +4,8 @@
     SmolLM2-135M fp32 (real weights): decode (batch 1, past 128) and prefill (256 tokens)
 
 ONNX Runtime runs with all graph optimizations and as many threads as cores; torch with as many
-threads as cores. The three are timed in alternating rounds (so a noisy neighbour hits them
-alike); each figure is a median over at least 10 runs after warm-up. For decode the bound set by
+threads as cores. The three are timed in rounds of blocks of calls (so a noisy neighbour hits
+them alike); each figure is a median over at least 10 timed calls after warm-up. For decode the bound set by
 memory bandwidth is printed too: the bytes one step must read (every weight once, plus the KV
 cache) over the read bandwidth measured in the same run, and graft's fraction of it.
 
@@ -37,17 +37,20 @@ def cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def interleaved_medians(fns: dict, runs: int, warmup: int = 2) -> dict:
-    """Median ms of each function, timed in alternating rounds."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
+def interleaved_medians(fns: dict, runs: int, rounds: int = 3) -> dict:
+    """Median ms of each function over `runs` timed calls, taken in `rounds` rounds; in each
+    round every function runs a block of calls after one untimed call. Blocks rather than
+    alternating single calls: ONNX Runtime's and torch's thread pools keep spinning after a
+    call and would slow down whatever runs right after them."""
+    per_round = -(-runs // rounds)
     times = {name: [] for name in fns}
-    for _ in range(runs):
+    for _ in range(rounds):
         for name, fn in fns.items():
-            start = time.perf_counter()
             fn()
-            times[name].append(time.perf_counter() - start)
+            for _ in range(per_round):
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 

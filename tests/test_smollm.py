@@ -72,3 +72,7 @@ def test_runtime_generate_and_manifest(smollm):
     assert "".join(pieces) == tokenizer.decode(expected, skip_special_tokens=True)
     config = generator.config
     assert (config["num_layers"], config["num_kv_heads"], config["head_dim"]) == (30, 3, 64)
+    # every kernel of prefill and decode got one of graft's rules, none only the fallback
+    kernels = graft.load(artifact).manifest["kernels"]
+    assert kernels["generic_kernels"] == [], kernels
+    assert {"Matmul", "GEMV", "RowReduction", "Elementwise"} <= set(kernels["rules"]), kernels
