@@ -15,7 +15,6 @@ from graft.codegen.rewrites.fast_gelu import FAST_LEGALIZATIONS
 from graft.codegen.rewrites.matmul_broadcast import MatmulBroadcastWeight
 from graft.codegen.rewrites.prepack_weights import PrepackWeights
 from graft.codegen.schedule import ScheduleKernels
-from graft.codegen.tune import Tune
 from graft.passes.pipeline import Entry, entry
 from graft.runtime.errors import BuildError
 
@@ -27,9 +26,8 @@ def schedule_rules(target: tvm.target.Target):
     return cpu.rules()
 
 
-def lowering_entries(target: tvm.target.Target, tuning: dict | None = None) -> list[Entry]:
-    """Legalize Relax ops into TIR, fuse, and schedule the kernels for the target (after
-    optional MetaSchedule tuning: tuning = {"trials": N, "database": DIR})."""
+def lowering_entries(target: tvm.target.Target) -> list[Entry]:
+    """Legalize Relax ops into TIR, fuse, and schedule the kernels for the target."""
     on_cpu = target.kind.name == "llvm"
     return [
         # matmul(x, broadcast_to(W)) reads W directly instead of a batch of copies
@@ -52,9 +50,7 @@ def lowering_entries(target: tvm.target.Target, tuning: dict | None = None) -> l
         entry("fuse_tir", relax.transform.FuseTIR()),
         entry("dead_code_elimination", relax.transform.DeadCodeElimination()),
         # schedule the TIR kernels for the target
-        # optional: MetaSchedule's best schedules for the kernels it has records for
-        *([Tune(tuning["trials"], tuning.get("database")).as_entry()] if tuning else []),
-        # every other kernel: graft's schedule rules for the target
+        # every kernel: graft's schedule rules for the target
         ScheduleKernels(schedule_rules(target)).as_entry(),
     ]
 

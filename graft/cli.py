@@ -60,12 +60,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dump-dir", help="write the module after every pass, and passes.json")
     p.add_argument("--max-seq-len", type=int, help="causal LMs: longest prompt + generation "
                                                    "(default: the model's context length)")
-    p.add_argument("--tune", type=int, metavar="TRIALS",
-                   help="tune the kernels with MetaSchedule, TRIALS trials in all (optional; "
-                        "graft's schedule rules need no tuning)")
-    p.add_argument("--tune-db", metavar="DIR", default=None,
-                   help="MetaSchedule database directory reused by later compiles "
-                        "(default: ~/.cache/graft/tuning)")
     p.set_defaults(handler=_compile)
 
     p = sub.add_parser("run", parents=[common], help="run an artifact on inputs from a .npz file")
@@ -111,12 +105,8 @@ def _compile(args) -> int:
             target = json.loads(target)
         except json.JSONDecodeError as err:
             raise GraftError(f"--target {args.target!r} is not valid JSON: {err}") from None
-    tuning = None
-    if args.tune is not None:
-        tuning = {"trials": args.tune, "database": args.tune_db}
     compiled = graft.compile(args.model, input_specs=args.input or None, target=target,
-                             dump_dir=args.dump_dir, max_seq_len=args.max_seq_len,
-                             tuning=tuning)
+                             dump_dir=args.dump_dir, max_seq_len=args.max_seq_len)
     path = compiled.save(args.output)
     print(f"wrote {path}")
     for name, sig in compiled.signatures.items():

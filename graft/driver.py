@@ -43,8 +43,7 @@ class CompiledModel:
 
 def compile(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None,  # noqa: A001
             target="cpu", passes=(), calibration=None, dump_dir=None, converters=None,
-            task: str | None = None, max_seq_len: int | None = None,
-            tuning: dict | None = None) -> CompiledModel:
+            task: str | None = None, max_seq_len: int | None = None) -> CompiledModel:
     """Compile `model` for `target`.
 
     model: torch.nn.Module (with example_inputs), torch.export.ExportedProgram, a path to a
@@ -61,8 +60,6 @@ def compile(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None
     converters: {op name: converter} for operators TVM's importers lack.
     task: "causal-lm" compiles prefill/decode entry points for generation (detected for
         transformers *ForCausalLM models, HF directories and .gguf files).
-    tuning: {"trials": N, "database": DIR} tunes kernels with MetaSchedule first (optional;
-        a database from an earlier compile is reused).
     """
     started = time.perf_counter()
     tvm_target = resolve_target(target)
@@ -83,7 +80,7 @@ def compile(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None
         dumper.after(0, Entry("import", None, {"frontend": imported.source.get("frontend")}),
                      state, time.perf_counter() - started, {"functions": list(imported.signatures)})
     user_entries = [_as_entry(p) for p in passes]
-    records = run_pipeline(state, user_entries + codegen.lowering_entries(tvm_target, tuning), dumper)
+    records = run_pipeline(state, user_entries + codegen.lowering_entries(tvm_target), dumper)
     user_records, lowering = records[:len(user_entries)], records[len(user_entries):]
     with progress.step(f"generating code for {tvm_target.kind.name}"):
         executable = codegen.build(state.mod, tvm_target)

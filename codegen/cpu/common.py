@@ -146,14 +146,17 @@ def inline_producers(sch: s_tir.Schedule, block) -> None:
 
 
 def loop_of_reduction(sch: s_tir.Schedule, block):
-    """The loop that drives the block's (single) reduction iterator."""
-    realize = sch.get_sblock_realize(block) if hasattr(sch, "get_sblock_realize") else None
-    stmt = sch.get(block)
-    if realize is None:
-        from tvm_ffi import get_global_func
-        realize = get_global_func("s_tir.schedule.GetSBlockRealize")(sch, block)
-    for iv, value in zip(stmt.iter_vars, realize.iter_values):
-        if iv.iter_type == tirx.IterVar.CommReduce:
+    """The loop that drives the block's (first) reduction iterator."""
+    return loop_of_iter(sch, block, lambda iv: iv.iter_type == tirx.IterVar.CommReduce)
+
+
+def loop_of_iter(sch: s_tir.Schedule, block, wanted):
+    """The loop that drives the first block iterator for which wanted(iter_var) holds."""
+    from tvm_ffi import get_global_func
+
+    realize = get_global_func("s_tir.schedule.GetSBlockRealize")(sch, block)
+    for iv, value in zip(sch.get(block).iter_vars, realize.iter_values):
+        if wanted(iv):
             used = tirx.analysis.undefined_vars(value)
             for loop in sch.get_loops(block):
                 if any(sch.get(loop).loop_var.same_as(v) for v in used):
