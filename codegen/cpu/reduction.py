@@ -54,7 +54,6 @@ class RowReduction(common.CPURule):
             common.vectorize_innermost(sch, last, lanes)
         for block in reversed(common.blocks(sch)[:-1]):
             sch.compute_at(block, row, preserve_unit_loops=True)
-            self.keep_on_stack(sch, block)
         for block in common.blocks(sch)[:-1]:
             if common.is_spatial(sch, block) and \
                     not any(sch.get(block).same_as(sch.get(p)) for p in partials):
@@ -70,20 +69,6 @@ class RowReduction(common.CPURule):
             sch.vectorize(lane)
             sch.decompose_reduction(partial, k_vec)
         return sch
-
-    STACK_ELEMENTS = 16384  # a row's intermediate up to this size lives on the stack
-
-    def keep_on_stack(self, sch: s_tir.Schedule, block) -> None:
-        """A row's intermediate as a stack buffer ("local"): a "global" one under the parallel
-        row loop is taken from the workspace pool once per row (measured 3x slower layer
-        norm). Only when its per-row size is static and small."""
-        size = common.static_size(sch, sch.get_loops(block)[1:])
-        if size is not None and size > self.STACK_ELEMENTS:
-            return
-        try:
-            sch.set_scope(block, 0, "local")
-        except Exception:  # noqa: BLE001 - it writes a function output: it stays global
-            pass
 
     @staticmethod
     def row_axes(sch: s_tir.Schedule, all_blocks) -> int:
