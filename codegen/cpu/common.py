@@ -91,58 +91,47 @@ def chunk_count(sch: s_tir.Schedule, loop, tile: int, chunk: int) -> int:
     return count
 
 
+def _reachable(sch: s_tir.Schedule, block, step) -> list:
+    """Blocks reachable from `block` by repeating `step` (get_consumers or get_producers),
+    nearest first."""
+    seen, order, queue = set(), [], list(step(block))
+    while queue:
+        b = queue.pop(0)
+        key = sch.get(b).name_hint
+        if key in seen:
+            continue
+        seen.add(key)
+        order.append(b)
+        queue.extend(step(b))
+    return order
+
+
 def transitive_consumers(sch: s_tir.Schedule, block) -> list:
-    seen, order, stack = set(), [], list(sch.get_consumers(block))
-    while stack:
-        b = stack.pop(0)
-        key = sch.get(b).name_hint
-        if key in seen:
-            continue
-        seen.add(key)
-        order.append(b)
-        stack.extend(sch.get_consumers(b))
-    return order
+    return _reachable(sch, block, sch.get_consumers)
 
 
-def transitive_producers(sch: s_tir.Schedule, block) -> list:
-    seen, order, stack = set(), [], list(sch.get_producers(block))
-    while stack:
-        b = stack.pop(0)
-        key = sch.get(b).name_hint
-        if key in seen:
-            continue
-        seen.add(key)
-        order.append(b)
-        stack.extend(sch.get_producers(b))
-    return order
-
-
-def inline_epilogue(sch: s_tir.Schedule, block) -> None:
-    """Inline every element-wise block after `block` into the one that writes the output."""
+def _inline_all(sch: s_tir.Schedule, block, step) -> None:
+    """compute_inline every block reachable by `step` that allows it, until none does."""
     changed = True
     while changed:
         changed = False
-        for consumer in transitive_consumers(sch, block):
+        for other in _reachable(sch, block, step):
             try:
-                sch.compute_inline(consumer)
+                sch.compute_inline(other)
                 changed = True
                 break
             except Exception:  # noqa: BLE001 - not inlinable (it writes an output): keep it
                 continue
 
 
+def inline_epilogue(sch: s_tir.Schedule, block) -> None:
+    """Inline every element-wise block after `block` into the one that writes the output."""
+    _inline_all(sch, block, sch.get_consumers)
+
+
 def inline_producers(sch: s_tir.Schedule, block) -> None:
     """Inline every element-wise block before `block` into its consumers."""
-    changed = True
-    while changed:
-        changed = False
-        for producer in transitive_producers(sch, block):
-            try:
-                sch.compute_inline(producer)
-                changed = True
-                break
-            except Exception:  # noqa: BLE001 - not inlinable: keep it
-                continue
+    _inline_all(sch, block, sch.get_producers)
 
 
 def loop_of_reduction(sch: s_tir.Schedule, block):
@@ -162,11 +151,6 @@ def loop_of_iter(sch: s_tir.Schedule, block, wanted):
                 if any(sch.get(loop).loop_var.same_as(v) for v in used):
                     return loop
     return None
-
-
-def last_consumer(sch: s_tir.Schedule, block):
-    consumers = sch.get_consumers(block)
-    return consumers[-1] if consumers else None
 
 
 def vector_width(n, lanes: int) -> int:
