@@ -59,10 +59,16 @@ def import_exported_program(ep, *, converters=None, function_name: str = "main",
     from graft.frontend.inbound_slice import InboundStridedSlice
     from graft.frontend.negative_index import NegativeIndexTake
 
-    ep = ep.run_decompositions()
-    check_supported(ep, converters)
+    from graft.frontend.torch_converters import CONVERTERS
+
+    converters = {**CONVERTERS, **(converters or {})}
+    if unsupported_ops(ep, converters):
+        # Only where some op has no converter as written: the retrace is slow (40 s on a
+        # 135M-parameter LM) and turns attention into a longer, slower graph.
+        ep = ep.run_decompositions()
+        check_supported(ep, converters)
     mod = from_exported_program(ep, keep_params_as_input=True, run_ep_decomposition=False,
-                                custom_convert_map=converters or None)
+                                custom_convert_map=converters)
     mod = NegativeIndexTake()(InboundStridedSlice()(mod))
     if function_name != "main":
         mod = _rename_main(mod, function_name)
@@ -74,8 +80,8 @@ def import_exported_program(ep, *, converters=None, function_name: str = "main",
     return ImportedModel(mod, params, signatures, source={"frontend": "torch.export"})
 
 
-def check_supported(ep, converters) -> None:
-    """Name every unsupported op and its node at once (TVM asserts on the first set it finds)."""
+def unsupported_ops(ep, converters) -> dict[str, list[str]]:
+    """Ops in the graph that neither TVM nor `converters` convert, with the nodes using them."""
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
     known = set(ExportedProgramImporter().create_convert_map()) | set(converters or ())
@@ -86,6 +92,12 @@ def check_supported(ep, converters) -> None:
         name = getattr(node.target, "__name__", str(node.target))
         if name not in known:
             missing.setdefault(name, []).append(node.name)
+    return missing
+
+
+def check_supported(ep, converters) -> None:
+    """Name every unsupported op and its node at once (TVM asserts on the first set it finds)."""
+    missing = unsupported_ops(ep, converters)
     if missing:
         raise UnsupportedOperatorError(missing, HOW_TO_ADD_A_CONVERTER)
 

@@ -166,3 +166,21 @@ def test_fast_sigmoid_silu():
     out = _lower_and_run(lambda bb, v: relax.op.multiply(v[0], relax.op.sigmoid(v[0])),
                          [((3, "t", 160), x)], {"Elementwise": 1})
     np.testing.assert_allclose(out, x / (1 + np.exp(-x)), rtol=1e-5, atol=1e-6)
+
+
+def test_fast_silu_op():
+    """`relax.nn.silu` (what torch's silu imports as) gets the fast exp too: its default
+    legalization calls the scalar `T.sigmoid` for every element."""
+    from graft.codegen.rewrites.fast_gelu import FAST_LEGALIZATIONS
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([4, 96], "float32"))
+    with bb.function("main", [x]):
+        bb.emit_func_output(bb.emit(relax.op.nn.silu(x)))
+    lowered = relax.transform.LegalizeOps(FAST_LEGALIZATIONS)(bb.get())
+    assert "sigmoid" not in lowered.script().replace("def silu", "")
+
+    data = _rand(3, 7, 160) * 6
+    out = _lower_and_run(lambda bb, v: relax.op.nn.silu(v[0]), [((3, "t", 160), data)],
+                         {"Elementwise": 1})
+    np.testing.assert_allclose(out, data / (1 + np.exp(-data)), rtol=1e-5, atol=1e-6)

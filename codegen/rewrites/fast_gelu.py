@@ -1,4 +1,4 @@
-"""GELU and sigmoid legalized with TVM's fast erf / exp approximations instead of the exact
+"""GELU, sigmoid and SiLU legalized with TVM's fast erf / exp approximations instead of the exact
 (slow, scalar libm) functions.
 
 `relax.nn.gelu` is not touched by FastMathTransform; its default legalization calls `erf`,
@@ -25,15 +25,26 @@ def _fast_gelu(bb, call):
     return bb.call_te(gelu, call.args[0], primfunc_name_hint="gelu")
 
 
-def _fast_sigmoid(bb, call):
-    """sigmoid(x) = 1 / (1 + exp(-x)) with TVM's fast exp (SiLU in Llama-family MLPs)."""
-    def sigmoid(x: te.Tensor) -> te.Tensor:
-        one = tirx.const(1.0, x.dtype)
-        return topi.divide(one, topi.add(one, topi.fast_exp(topi.negative(x))))
+def _sigmoid(x: te.Tensor) -> te.Tensor:
+    """1 / (1 + exp(-x)) with TVM's fast exp."""
+    one = tirx.const(1.0, x.dtype)
+    return topi.divide(one, topi.add(one, topi.fast_exp(topi.negative(x))))
 
+
+def _fast_sigmoid(bb, call):
     if call.args[0].ty.dtype != "float32":  # fast_exp is float32-only
         return tvm.ir.Op.get("relax.sigmoid").get_attr("FLegalize")(bb, call)
-    return bb.call_te(sigmoid, call.args[0], primfunc_name_hint="sigmoid")
+    return bb.call_te(_sigmoid, call.args[0], primfunc_name_hint="sigmoid")
 
 
-FAST_LEGALIZATIONS = {"relax.nn.gelu": _fast_gelu, "relax.sigmoid": _fast_sigmoid}
+def _fast_silu(bb, call):
+    """x * sigmoid(x), the activation of Llama-family MLPs (exact: `T.sigmoid`, a scalar libm
+    call per element, which made the fused gate projection 1.7x slower than the plain one)."""
+    if call.args[0].ty.dtype != "float32":
+        return tvm.ir.Op.get("relax.nn.silu").get_attr("FLegalize")(bb, call)
+    return bb.call_te(lambda x: topi.multiply(x, _sigmoid(x)), call.args[0],
+                      primfunc_name_hint="silu")
+
+
+FAST_LEGALIZATIONS = {"relax.nn.gelu": _fast_gelu, "relax.sigmoid": _fast_sigmoid,
+                      "relax.nn.silu": _fast_silu}
