@@ -11,6 +11,7 @@ from tvm import relax
 from tvm.s_tir import dlight as dl
 
 from graft.codegen import cpu
+from graft.codegen.rewrites.clipped_take import legalize_take
 from graft.codegen.rewrites.fast_gelu import FAST_LEGALIZATIONS
 from graft.codegen.rewrites.matmul_broadcast import MatmulBroadcastWeight
 from graft.codegen.rewrites.prepack_weights import PrepackWeights
@@ -42,7 +43,8 @@ def lowering_entries(target: tvm.target.Target) -> list[Entry]:
         entry("dispatch_sampling", relax.backend.DispatchSampling()),
         entry("dispatch_sort_scan", relax.backend.DispatchSortScan()),
         # Relax ops become TIR PrimFuncs
-        entry("legalize_ops", relax.transform.LegalizeOps(FAST_LEGALIZATIONS)),
+        entry("legalize_ops", relax.transform.LegalizeOps(
+            {**FAST_LEGALIZATIONS, "relax.take": legalize_take})),
         entry("annotate_tir_op_pattern", relax.transform.AnnotateTIROpPattern()),
         entry("fold_constant", relax.transform.FoldConstant()),
         # fuse element-wise epilogues into their producers

@@ -184,3 +184,13 @@ def test_fast_silu_op():
     out = _lower_and_run(lambda bb, v: relax.op.nn.silu(v[0]), [((3, "t", 160), data)],
                          {"Elementwise": 1})
     np.testing.assert_allclose(out, data / (1 + np.exp(-data)), rtol=1e-5, atol=1e-6)
+
+
+def test_take_clips_indices_past_the_table():
+    """Embedding lookups import as take(mode="fast"); graft builds them clipped, so a token id
+    past the vocabulary reads the last row instead of memory beyond the table."""
+    table = _rand(50, 24)
+    ids = np.array([[0, 7, 49], [3, 50, 4000]], dtype="int64")
+    out = _lower_and_run(lambda bb, v: relax.op.take(v[0], v[1], axis=0),
+                         [((50, 24), table), ((2, "t"), ids)], {"Elementwise": 1})
+    np.testing.assert_array_equal(out, table[np.minimum(ids, 49)])
