@@ -122,3 +122,32 @@ def test_last_positions_slice_has_a_static_length(no_decomposition, tmp_path):
         x = torch.randn(2, seq, 8)
         with torch.no_grad():
             assert max_abs(runtime(x), module(x).numpy()) < 1e-5
+
+
+class RepeatedKV(torch.nn.Module):
+    """Grouped-query attention as transformers writes it: key/value heads repeated (repeat_kv)
+    before SDPA with a causal boolean mask."""
+
+    def forward(self, q, k, v):
+        batch, kv_heads, length, dim = k.shape
+        groups = q.shape[1] // kv_heads
+
+        def repeat_kv(t):
+            return t[:, :, None, :, :].expand(batch, kv_heads, groups, length, dim) \
+                .reshape(batch, kv_heads * groups, length, dim)
+
+        mask = torch.ones(length, length, dtype=torch.bool).tril()[None, None]
+        return F.scaled_dot_product_attention(q, repeat_kv(k), repeat_kv(v), attn_mask=mask)
+
+
+def test_attention_with_repeated_kv_heads(no_decomposition, tmp_path):
+    seq = torch.export.Dim("seq", min=2, max=64)
+    dims = {"q": {2: seq}, "k": {2: seq}, "v": {2: seq}}
+    example = (torch.randn(1, 6, 5, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16))
+    runtime = compile_and_load(RepeatedKV(), example, dims, tmp_path)
+    for length in (2, 33):
+        args = (torch.randn(1, 6, length, 16), torch.randn(1, 2, length, 16),
+                torch.randn(1, 2, length, 16))
+        with torch.no_grad():
+            expected = RepeatedKV()(*args).numpy()
+        assert max_abs(runtime(*args), expected) < 1e-5
