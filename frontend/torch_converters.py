@@ -29,6 +29,8 @@ import sys
 
 from tvm import relax
 
+from graft.runtime.errors import GraftError
+
 
 def _arg(node, index, name, default=None):
     if len(node.args) > index:
@@ -107,7 +109,7 @@ def scaled_dot_product_attention(node, importer):
     scale = _arg(node, 6, "scale")
     enable_gqa = node.kwargs.get("enable_gqa", False)
     if dropout_p:
-        raise ValueError(f"scaled_dot_product_attention node {node.name!r}: dropout_p="
+        raise GraftError(f"scaled_dot_product_attention node {node.name!r}: dropout_p="
                          f"{dropout_p} is a training-time op; export the model in eval mode")
     shape, dtype = query.ty.shape, str(query.ty.dtype)
     rank = len(shape)

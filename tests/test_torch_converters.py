@@ -151,3 +151,12 @@ def test_attention_with_repeated_kv_heads(no_decomposition, tmp_path):
         with torch.no_grad():
             expected = RepeatedKV()(*args).numpy()
         assert max_abs(runtime(*args), expected) < 1e-5
+
+
+def test_attention_dropout_is_refused_by_name():
+    class Dropping(torch.nn.Module):
+        def forward(self, q):
+            return F.scaled_dot_product_attention(q, q, q, dropout_p=0.1)
+
+    with pytest.raises(graft.GraftError, match="dropout_p=0.1"):
+        graft.compile(Dropping(), (torch.randn(1, 2, 4, 8),))
