@@ -84,6 +84,12 @@ class Generator:
         prompt_ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not prompt_ids:
             raise RuntimeInputError("the prompt is empty")
+        vocab = int(self.config.get("vocab_size", 0))
+        bad = [(i, t) for i, t in enumerate(prompt_ids) if vocab and not 0 <= t < vocab]
+        if bad:
+            position, token = bad[0]
+            raise RuntimeInputError(f"token id {token} at prompt position {position} is outside "
+                                    f"the vocabulary (ids 0..{vocab - 1})")
         if len(prompt_ids) + max_new_tokens > self.max_seq_len:
             raise RuntimeInputError(
                 f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "

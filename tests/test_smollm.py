@@ -70,6 +70,8 @@ def test_runtime_generate_and_manifest(smollm):
     result = generator.generate(prompt_ids, max_new_tokens=NEW_TOKENS, on_token=pieces.append)
     assert result.token_ids == expected
     assert "".join(pieces) == tokenizer.decode(expected, skip_special_tokens=True)
+    with pytest.raises(graft.GraftError, match="token id 49152 at prompt position 1 is outside"):
+        generator.generate([1, 49152, 2], max_new_tokens=2)
     config = generator.config
     assert (config["num_layers"], config["num_kv_heads"], config["head_dim"]) == (30, 3, 64)
     # every kernel of prefill and decode got one of graft's rules, none only the fallback
