@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import sys
 
+import numpy as np
 from tvm import relax
 
 from graft.runtime.errors import GraftError
@@ -150,8 +151,6 @@ def _repeat_heads(emit, tensor, query_heads):
 
 
 def _lowest(dtype: str) -> float:
-    import numpy as np
-
     return float(np.finfo("float32" if dtype == "bfloat16" else dtype).min)
 
 

@@ -85,9 +85,10 @@ class Generator:
         if not prompt_ids:
             raise RuntimeInputError("the prompt is empty")
         vocab = int(self.config.get("vocab_size", 0))
-        bad = [(i, t) for i, t in enumerate(prompt_ids) if vocab and not 0 <= t < vocab]
-        if bad:
-            position, token = bad[0]
+        position = next((i for i, t in enumerate(prompt_ids) if vocab and not 0 <= t < vocab),
+                        None)
+        if position is not None:
+            token = prompt_ids[position]
             raise RuntimeInputError(f"token id {token} at prompt position {position} is outside "
                                     f"the vocabulary (ids 0..{vocab - 1})")
         if len(prompt_ids) + max_new_tokens > self.max_seq_len:

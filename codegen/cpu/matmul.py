@@ -21,8 +21,9 @@ from graft.codegen.cpu import common
 class Matmul(common.CPURule):
     """C = A @ B (+ element-wise epilogue), static or symbolic M, batched or not."""
 
-    # register tiles (rows, vectors per row): 6 x 4 accumulators where 6 divides the rows, else
-    # 8 x 2 (a tile that straddles two rows of a batched operand makes the epilogue irregular)
+    # register tiles (rows, vectors per row), in order of preference: the first whose width
+    # divides the columns and whose rows divide the innermost row axis (see register_tile);
+    # 8 x 2 last (a tile that straddles two rows of a batched operand makes the epilogue irregular)
     TILES = ((8, 3), (6, 4), (8, 2))
     K_UNROLL = 4      # k steps unrolled in the register-tile loop
     K_BLOCK = 512     # K is blocked when longer than 1.5 blocks

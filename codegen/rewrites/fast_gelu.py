@@ -31,20 +31,21 @@ def _sigmoid(x: te.Tensor) -> te.Tensor:
     return topi.divide(one, topi.add(one, topi.fast_exp(topi.negative(x))))
 
 
-def _fast_sigmoid(bb, call):
-    if call.args[0].ty.dtype != "float32":  # fast_exp is float32-only
-        return tvm.ir.Op.get("relax.sigmoid").get_attr("FLegalize")(bb, call)
-    return bb.call_te(_sigmoid, call.args[0], primfunc_name_hint="sigmoid")
+def _float32_only(op_name: str, compute, name: str):
+    """A legalization by `compute` for float32 inputs (fast_exp is float32-only), TVM's own for
+    other dtypes."""
+    def legalize(bb, call):
+        if call.args[0].ty.dtype != "float32":
+            return tvm.ir.Op.get(op_name).get_attr("FLegalize")(bb, call)
+        return bb.call_te(compute, call.args[0], primfunc_name_hint=name)
+    return legalize
 
 
-def _fast_silu(bb, call):
-    """x * sigmoid(x), the activation of Llama-family MLPs (exact: `T.sigmoid`, a scalar libm
-    call per element, which made the fused gate projection 1.7x slower than the plain one)."""
-    if call.args[0].ty.dtype != "float32":
-        return tvm.ir.Op.get("relax.nn.silu").get_attr("FLegalize")(bb, call)
-    return bb.call_te(lambda x: topi.multiply(x, _sigmoid(x)), call.args[0],
-                      primfunc_name_hint="silu")
-
-
-FAST_LEGALIZATIONS = {"relax.nn.gelu": _fast_gelu, "relax.sigmoid": _fast_sigmoid,
-                      "relax.nn.silu": _fast_silu}
+FAST_LEGALIZATIONS = {
+    "relax.nn.gelu": _fast_gelu,
+    "relax.sigmoid": _float32_only("relax.sigmoid", _sigmoid, "sigmoid"),
+    # SiLU, the activation of Llama-family MLPs: its default legalization calls the scalar
+    # `T.sigmoid` per element, which made the fused gate projection 1.7x slower
+    "relax.nn.silu": _float32_only("relax.nn.silu", lambda x: topi.multiply(x, _sigmoid(x)),
+                                   "silu"),
+}
