@@ -13,6 +13,8 @@ from tvm.s_tir import dlight as dl
 from graft.codegen import cpu
 from graft.codegen.rewrites.clipped_take import legalize_take
 from graft.codegen.rewrites.fast_gelu import FAST_LEGALIZATIONS
+from graft.codegen.rewrites.fuse_dequantize import FuseDequantizeGEMV
+from graft.codegen.rewrites.quantized_gemv import QuantizedGEMVKernel
 from graft.codegen.rewrites.matmul_broadcast import MatmulBroadcastWeight
 from graft.codegen.rewrites.prepack_weights import PrepackWeights
 from graft.codegen.schedule import ScheduleKernels
@@ -46,10 +48,14 @@ def lowering_entries(target: tvm.target.Target) -> list[Entry]:
         entry("legalize_ops", relax.transform.LegalizeOps(
             {**FAST_LEGALIZATIONS, "relax.take": legalize_take})),
         entry("annotate_tir_op_pattern", relax.transform.AnnotateTIROpPattern()),
+        # a one-row product with an int4 weight: graft's grouped kernel (quantized models)
+        *([entry("quantized_gemv_kernel", QuantizedGEMVKernel())] if on_cpu else []),
         entry("fold_constant", relax.transform.FoldConstant()),
         # fuse element-wise epilogues into their producers
         entry("fuse_ops", relax.transform.FuseOps()),
         entry("fuse_tir", relax.transform.FuseTIR()),
+        # a one-row matmul expands its packed weight as it streams it (quantized models)
+        *([entry("fuse_dequantize_gemv", FuseDequantizeGEMV())] if on_cpu else []),
         entry("dead_code_elimination", relax.transform.DeadCodeElimination()),
         # schedule the TIR kernels for the target
         # every kernel: graft's schedule rules for the target

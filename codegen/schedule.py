@@ -32,7 +32,12 @@ class ScheduleKernels(GraftPass):
         counts: dict[str, int] = {}
         generic, failures = [], {}
         for gv, func in list(mod.functions_items()):
-            if not isinstance(func, tirx.PrimFunc) or _is_scheduled(func):
+            if not isinstance(func, tirx.PrimFunc):
+                continue
+            if _is_scheduled(func):  # written scheduled (graft's int8 VNNI matmul)
+                if func.attrs.get("graft.schedule_rule") is not None:
+                    rule = str(func.attrs["graft.schedule_rule"])
+                    counts[rule] = counts.get(rule, 0) + 1
                 continue
             rule_name, scheduled = None, None
             with target:

@@ -4,6 +4,8 @@ generation: `prefill` and `decode` entry points with the KV cache as explicit te
     prefill(input_ids[1, T], position_ids[1, T], past_k[L, 1, H, P, D], past_v)
     decode (input_ids[1, 1], position_ids[1, 1], past_k, past_v)
         -> (logits of the last position [1, V], new_k[L, 1, H, P + T, D], new_v)
+    score  (as prefill) -> (logits of every position [1, T, V], new_k, new_v); only with
+        `scores=True` (perplexity; Quantize's accuracy measurement)
 
 Both are exported from one wrapper module with torch.export and share one set of weights.
 Known pitfalls, handled here: transformers needs an explicit all-ones attention_mask (without
@@ -46,7 +48,7 @@ def load_hf_causal_lm(source):
     return model.eval(), tokenizer
 
 
-def _wrapper(model):
+def _wrapper(model, all_logits: bool = False):
     import torch
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
@@ -74,10 +76,11 @@ def _wrapper(model):
             cache.layers = [PastLayer(past_k[i], past_v[i]) for i in range(past_k.shape[0])]
             mask = torch.ones(input_ids.shape[0], past_len + new_len, dtype=torch.long)
             out = self.lm(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                          past_key_values=cache, use_cache=True, logits_to_keep=1)
+                          past_key_values=cache, use_cache=True,
+                          logits_to_keep=0 if all_logits else 1)
             new_k = torch.stack([layer.keys for layer in cache.layers])
             new_v = torch.stack([layer.values for layer in cache.layers])
-            return out.logits[:, 0, :], new_k, new_v
+            return (out.logits if all_logits else out.logits[:, 0, :]), new_k, new_v
 
     return ExplicitCacheLM(model).eval()
 
@@ -94,7 +97,8 @@ def cache_config(model) -> dict:
     }
 
 
-def import_causal_lm(source, *, max_seq_len=None, converters=None) -> ImportedModel:
+def import_causal_lm(source, *, max_seq_len=None, converters=None,
+                     scores: bool = False) -> ImportedModel:
     import torch
 
     from graft.frontend import torch_frontend as tf
@@ -126,6 +130,17 @@ def import_causal_lm(source, *, max_seq_len=None, converters=None) -> ImportedMo
     rename_dims(sig, {str(sig.inputs[0].shape[1]): "new_tokens",
                       str(sig.inputs[2].shape[3]): "past_len"})
     imported = with_decode(prefill)
+    if scores:  # logits of every position: perplexity, and Quantize's accuracy measurement
+        ep = tf.export_module(_wrapper(model, all_logits=True),
+                              (ids, positions, past(3), past(3)), dynamic)
+        score = tf.import_exported_program(ep, converters=converters, function_name="score")
+        sig = score.signatures["score"]
+        rename_dims(sig, {str(sig.inputs[0].shape[1]): "new_tokens",
+                          str(sig.inputs[2].shape[3]): "past_len"})
+        if list(sig.params) != list(imported.signatures["prefill"].params):
+            raise GraftError("the score function's weights differ from prefill's")
+        imported.mod["score"] = score.mod["score"]
+        imported.signatures["score"] = sig
     for sig in imported.signatures.values():
         for spec, name_ in zip(sig.outputs, ("logits", "new_k", "new_v")):
             spec.name = name_

@@ -60,6 +60,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dump-dir", help="write the module after every pass, and passes.json")
     p.add_argument("--max-seq-len", type=int, help="causal LMs: longest prompt + generation "
                                                    "(default: the model's context length)")
+    p.add_argument("--scores", action="store_true",
+                   help="causal LMs: also compile `score`, the logits of every position "
+                        "(perplexity; needed to quantize a language model to a perplexity budget)")
+    q = p.add_argument_group("quantization (weight-only, linear layers)")
+    q.add_argument("--quantize", choices=["int8", "int4"],
+                   help="int8: per output channel, symmetric; int4: group-wise along the "
+                        "reduction axis, two values per byte, a scale and an offset per group")
+    q.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128],
+                   help="int4 group size (default 32)")
+    q.add_argument("--symmetric", action="store_true", help="int4 without per-group offsets")
+    q.add_argument("--budget", metavar="METRIC<=|>=VALUE",
+                   help="accuracy budget measured on the calibration data against the original "
+                        "model: perplexity<=RATIO, cosine>=VALUE or top1>=VALUE; the most "
+                        "sensitive layers stay at --fallback until it holds")
+    q.add_argument("--fallback", choices=["int8", "fp32"],
+                   help="precision for sensitive layers (default: int8 for int4, else fp32)")
+    q.add_argument("--calibration", metavar="FILE.npz|DIR",
+                   help="calibration samples: an .npz with one array per input name whose "
+                        "first axis counts samples (a causal LM: input_ids [samples, tokens]), "
+                        "or a directory of .npz files, one sample each")
     p.set_defaults(handler=_compile)
 
     p = sub.add_parser("run", parents=[common], help="run an artifact on inputs from a .npz file")
@@ -105,8 +125,20 @@ def _compile(args) -> int:
             target = json.loads(target)
         except json.JSONDecodeError as err:
             raise GraftError(f"--target {args.target!r} is not valid JSON: {err}") from None
+    passes = []
+    if args.quantize:
+        from graft import passes as P
+
+        passes.append(P.Quantize(args.quantize, group_size=args.group_size,
+                                 symmetric=args.symmetric, budget=args.budget,
+                                 fallback=args.fallback))
+    elif args.budget or args.calibration:
+        raise GraftError("--budget and --calibration go with a pass that uses them "
+                         "(--quantize)")
+    calibration = _calibration(args.calibration) if args.calibration else None
     compiled = graft.compile(args.model, input_specs=args.input or None, target=target,
-                             dump_dir=args.dump_dir, max_seq_len=args.max_seq_len)
+                             dump_dir=args.dump_dir, max_seq_len=args.max_seq_len,
+                             passes=passes, calibration=calibration, scores=args.scores)
     path = compiled.save(args.output)
     print(f"wrote {path}")
     for name, sig in compiled.signatures.items():
@@ -123,6 +155,41 @@ def _specs(specs) -> str:
     from graft.runtime.signature import TensorSpec
 
     return ", ".join(str(TensorSpec.from_json(s)) for s in specs)
+
+
+def _calibration(path: str) -> list:
+    """Calibration samples from an .npz (arrays by input name, samples along axis 0) or a
+    directory of .npz files (one sample each)."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from graft.runtime.errors import GraftError
+
+    source = Path(path)
+    files = sorted(source.glob("*.npz")) if source.is_dir() else [source]
+    if not source.exists() or not files:
+        raise GraftError(f"calibration data {path!r} does not exist or holds no .npz file")
+    samples = []
+    for file in files:
+        try:
+            with np.load(file) as data:
+                arrays = [data[k] for k in data.files]
+        except Exception as err:  # numpy raises several error types for a bad file
+            raise GraftError(f"calibration file {str(file)!r} is not a readable .npz: "
+                             f"{err}") from None
+        if not arrays:
+            raise GraftError(f"calibration file {str(file)!r} holds no arrays")
+        if source.is_dir():
+            samples.append(tuple(arrays) if len(arrays) > 1 else arrays[0])
+        else:
+            count = len(arrays[0])
+            if any(len(a) != count for a in arrays):
+                raise GraftError(f"calibration file {str(file)!r}: the arrays hold different "
+                                 "numbers of samples along axis 0")
+            samples += [tuple(a[i] for a in arrays) if len(arrays) > 1 else arrays[0][i]
+                        for i in range(count)]
+    return samples
 
 
 def _run(args) -> int:

@@ -43,7 +43,8 @@ class CompiledModel:
 
 def compile(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None,  # noqa: A001
             target="cpu", passes=(), calibration=None, dump_dir=None, converters=None,
-            task: str | None = None, max_seq_len: int | None = None) -> CompiledModel:
+            task: str | None = None, max_seq_len: int | None = None,
+            scores: bool = False) -> CompiledModel:
     """Compile `model` for `target`.
 
     model: torch.nn.Module (with example_inputs), torch.export.ExportedProgram, a path to a
@@ -60,6 +61,8 @@ def compile(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None
     converters: {op name: converter} for operators TVM's importers lack.
     task: "causal-lm" compiles prefill/decode entry points for generation (detected for
         transformers *ForCausalLM models, HF directories and .gguf files).
+    scores: causal LMs: also compile `score`, the logits of every position (perplexity; what
+        Quantize measures a language model with).
     """
     started = time.perf_counter()
     tvm_target = resolve_target(target)
@@ -69,7 +72,7 @@ def compile(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None
     else:
         imported = import_model(model, example_inputs, dynamic_shapes=dynamic_shapes,
                                 input_specs=input_specs, converters=converters, task=task,
-                                max_seq_len=max_seq_len)
+                                max_seq_len=max_seq_len, scores=scores)
     # passes rewrite parameters and signatures: the imported model itself stays as it was
     state = CompileState(imported.mod, dict(imported.params),
                          {name: copy.deepcopy(sig) for name, sig in imported.signatures.items()},
@@ -100,7 +103,7 @@ def compile(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None
 
 
 def import_model(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None,
-                 converters=None, task=None, max_seq_len=None) -> ImportedModel:
+                 converters=None, task=None, max_seq_len=None, scores=False) -> ImportedModel:
     """Dispatch to the right frontend; see `compile` for what `model` may be."""
     kind = _model_kind(model, task)
     with progress.step(f"importing {_describe(model)} ({kind})"):
@@ -113,7 +116,8 @@ def import_model(model, example_inputs=None, *, dynamic_shapes=None, input_specs
         if kind == "causal-lm":
             from graft.frontend.causal_lm import import_causal_lm
 
-            return import_causal_lm(model, max_seq_len=max_seq_len, converters=converters)
+            return import_causal_lm(model, max_seq_len=max_seq_len, converters=converters,
+                                    scores=scores)
         from graft.frontend import torch_frontend as tf
 
         if kind == "pt2":

@@ -38,3 +38,22 @@ def step(text: str):
         raise
     if enabled():
         print(f" done ({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def quiet():
+    """No progress lines inside (work nested in a step that reports for it)."""
+    global _forced
+    saved = _forced
+    _forced = False
+    try:
+        yield
+    finally:
+        _forced = saved
+
+
+def count(text: str, done: int, total: int) -> None:
+    """`graft: <text> done/total`, rewritten in place on a terminal; a newline at the end."""
+    if enabled():
+        end = "\n" if done >= total else ""
+        print(f"\rgraft: {text} {done}/{total}", end=end, file=sys.stderr, flush=True)

@@ -1,5 +1,6 @@
 """Model-slimming rewrites and the pass pipeline (see DESIGN.md, "Passes")."""
 
 from graft.passes.pipeline import CompileState, Entry, GraftPass, entry, run_pipeline
+from graft.passes.quantize import Quantize
 
-__all__ = ["CompileState", "Entry", "GraftPass", "entry", "run_pipeline"]
+__all__ = ["CompileState", "Entry", "GraftPass", "Quantize", "entry", "run_pipeline"]

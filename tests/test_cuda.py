@@ -121,3 +121,36 @@ def test_smollm_builds_for_cuda(smollm_imported, arch, tmp_path):
         result = Generator(graft.load(tmp_path / "art")).generate(prompt_ids,
                                                                    max_new_tokens=NEW_TOKENS)
         assert result.token_ids == expected
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_model_builds_for_cuda(scheme, tmp_path):
+    if not HAS_NVCC:
+        pytest.skip("nvcc is not installed: CUDA code cannot be generated here")
+    from graft import passes as P
+
+    from test_quantize import MLP
+
+    model = MLP().eval()
+    x = torch.randn(1, 64)
+    compiled = graft.compile(model, (x,), target=_cuda_target("sm_90"),
+                             passes=[P.Quantize(scheme)])
+    compiled.save(tmp_path / "art")
+    assert (tmp_path / "art" / "model.so").stat().st_size > 0
+    if HAS_GPU:
+        with torch.no_grad():
+            reference = model(x).numpy()
+        assert max_abs(graft.load(tmp_path / "art")(x.numpy()), reference) < 0.1
+
+
+@pytest.mark.slow
+def test_int4_smollm_builds_for_cuda(smollm_imported, tmp_path):
+    if not HAS_NVCC:
+        pytest.skip("nvcc is not installed: CUDA code cannot be generated here")
+    from graft import passes as P
+
+    compiled = graft.compile(smollm_imported, target=_cuda_target("sm_90"),
+                             passes=[P.Quantize("int4")])
+    compiled.save(tmp_path / "art")
+    assert (tmp_path / "art" / "model.so").stat().st_size > 0
+    assert compiled.manifest["passes"][0]["did"]["precisions"] == {"int4": 211}

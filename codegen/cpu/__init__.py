@@ -6,8 +6,9 @@ from graft.codegen.cpu.elementwise import Elementwise
 from graft.codegen.cpu.fallback import Fallback
 from graft.codegen.cpu.gemv import GEMV
 from graft.codegen.cpu.matmul import Matmul
+from graft.codegen.cpu.quantized_gemv import QuantizedGEMV
 from graft.codegen.cpu.reduction import RowReduction
 
 
 def rules() -> list:
-    return [Matmul(), GEMV(), RowReduction(), Elementwise(), Fallback()]
+    return [QuantizedGEMV(), Matmul(), GEMV(), RowReduction(), Elementwise(), Fallback()]

@@ -134,6 +134,24 @@ def inline_producers(sch: s_tir.Schedule, block) -> None:
     _inline_all(sch, block, sch.get_producers)
 
 
+def inline_producers_keeping_gemm(sch: s_tir.Schedule, block) -> None:
+    """Inline the element-wise blocks before `block` that leave it a two-operand product
+    (`gemm_axes` form); a block expanding a packed weight from several arrays stays."""
+    changed = True
+    while changed:
+        changed = False
+        for other in _reachable(sch, block, sch.get_producers):
+            trial = sch.copy()
+            try:
+                trial.compute_inline(other)
+            except Exception:  # noqa: BLE001 - not inlinable: keep it
+                continue
+            if gemm_axes(trial.get(block)) is not None:
+                sch.compute_inline(other)
+                changed = True
+                break
+
+
 def loop_of_reduction(sch: s_tir.Schedule, block):
     """The loop that drives the block's (first) reduction iterator."""
     return loop_of_iter(sch, block, lambda iv: iv.iter_type == tirx.IterVar.CommReduce)

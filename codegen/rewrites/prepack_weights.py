@@ -13,30 +13,12 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from graft.ir.weights import bindings as _bindings
+from graft.ir.weights import drop_unused_params, function_weights
+from graft.ir.weights import is_weight_transpose as _is_transpose_2d
 from graft.passes.pipeline import CompileState, GraftPass
 
-PERMUTE = tvm.ir.Op.get("relax.permute_dims")
 MATMUL = tvm.ir.Op.get("relax.matmul")
-
-
-def _is_transpose_2d(value, weights: dict) -> bool:
-    if not (isinstance(value, relax.Call) and value.op.same_as(PERMUTE)):
-        return False
-    arg = value.args[0]
-    if not (isinstance(arg, relax.Var) and arg in weights):
-        return False
-    shape = getattr(arg.ty, "shape", None)
-    if shape is None or not hasattr(shape, "values") or len(shape.values) != 2:
-        return False
-    axes = value.attrs.axes
-    return axes is None or [int(a) for a in axes] == [1, 0]
-
-
-def _bindings(func: relax.Function):
-    body = func.body
-    if not isinstance(body, relax.SeqExpr):
-        return []
-    return [b for block in body.blocks for b in block.bindings]
 
 
 def _uses(func: relax.Function) -> dict:
@@ -65,8 +47,7 @@ class PrepackWeights(GraftPass):
         state.mod = state.mod.clone()
         for name, signature in state.signatures.items():
             func = state.mod[name]
-            n_inputs = len(func.params) - len(signature.params)
-            weights = dict(zip(func.params[n_inputs:], signature.params))
+            weights = function_weights(func, signature)
             swaps, uses = {}, _uses(func)
             for binding in _bindings(func):
                 if _is_transpose_2d(binding.value, weights) and \
@@ -94,25 +75,9 @@ class PrepackWeights(GraftPass):
     def _drop_unused(state: CompileState) -> int:
         """Remove parameters no function reads any more; return how many transposed weights
         are still read in their original layout too."""
-        used = set()
-        for name, signature in state.signatures.items():
-            func = state.mod[name]
-            n_inputs = len(func.params) - len(signature.params)
-            free = relax.analysis.free_vars(func.body)
-            keep_vars, keep_names = list(func.params[:n_inputs]), []
-            for var, param in zip(func.params[n_inputs:], signature.params):
-                if any(var.same_as(f) for f in free):
-                    keep_vars.append(var)
-                    keep_names.append(param)
-            used |= set(keep_names)
-            if len(keep_names) != len(signature.params):
-                state.mod[name] = relax.Function(keep_vars, func.body, func.ret_ty,
-                                                 func.is_pure, func.attrs, func.span)
-                signature.params = keep_names
-        both = sum(1 for n in used if n + ".T" in used)
-        for name in [n for n in state.params if n not in used]:
-            del state.params[name]
-        return both
+        drop_unused_params(state)
+        used = {p for sig in state.signatures.values() for p in sig.params}
+        return sum(1 for n in used if n + ".T" in used)
 
 
 def _rebuild(func: relax.Function, replace: dict, extra_params: list) -> relax.Function:

@@ -1,0 +1,254 @@
+"""W8A8: int8 weights and int8 activations for linear layers, static per-tensor activation
+scales from calibration, with SmoothQuant smoothing.
+
+Calibration runs the original function with every linear layer's input as an extra output,
+and takes each input channel's largest magnitude. Smoothing moves activation outliers into
+the weights: s[k] = max|x[:, k]|^alpha / max|W[:, k]|^(1 - alpha); W' = W * s, x' = x / s.
+The division by s is folded into the activation quantization (one multiply per element, in
+the kernel FuseOps already fuses with the op before it), so no op of the model changes.
+
+    y = matmul(x, permute_dims(W))   ->   xq  = call_tir(quantize_activation, (x, W.act))
+                                          acc = call_tir(int8_matmul, (xq, W.wq))
+                                          y   = call_tir(rescale, (acc, W.rescale, W.reoffset))
+
+(with reshapes around for inputs of more than two dims). Layers that read the same input share
+one quantized copy of it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from graft import progress
+from graft.ir.weights import MATMUL, PERMUTE, bindings, drop_unused_params, function_weights
+from graft.passes.quantize import int8_kernels as K
+from graft.runtime.errors import GraftError
+
+
+def linear_bindings(func: relax.Function, weights: dict, names: set) -> list:
+    """(x, weight name, matmul binding var) for every `matmul(x, permute_dims(W))`."""
+    transposed = {b.var: weights[b.value.args[0]] for b in bindings(func)
+                  if isinstance(b.value, relax.Call) and b.value.op.same_as(PERMUTE)
+                  and isinstance(b.value.args[0], relax.Var) and b.value.args[0] in weights
+                  and weights[b.value.args[0]] in names}
+    found = []
+    for b in bindings(func):
+        v = b.value
+        if isinstance(v, relax.Call) and v.op.same_as(MATMUL) and v.args[1] in transposed \
+                and str(v.args[0].ty.dtype) == "float32":
+            found.append((v.args[0], transposed[v.args[1]], b.var))
+    return found
+
+
+def with_taps(func: relax.Function, taps: list) -> relax.Function:
+    """The function returning (its result, *taps) as well: each tap bound inside the
+    dataflow block to an output var."""
+    outputs, blocks = {}, []
+    tap_set = {t for t in taps}
+    for block in func.body.blocks:
+        new = []
+        for b in block.bindings:
+            new.append(b)
+            if b.var in tap_set and b.var not in outputs:
+                var = relax.Var(f"tap{len(outputs)}", b.var.ty)
+                outputs[b.var] = var
+                new.append(relax.VarBinding(var, b.var))
+        cls = relax.DataflowBlock if isinstance(block, relax.DataflowBlock) else \
+            relax.BindingBlock
+        blocks.append(cls(new))
+    results = [outputs.get(t, t) for t in taps]
+    body = relax.SeqExpr(blocks, relax.Tuple([func.body.body, *results]))
+    ret = relax.TupleType([func.ret_ty, *[t.ty for t in taps]])
+    return relax.Function(func.params, body, ret, func.is_pure, func.attrs)
+
+
+ROWS_KEPT = 4096  # activation rows per layer input kept for choosing alpha
+ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+
+
+def collect_activations(state, function: str, groups: list, samples: list) -> list:
+    """For each group's input: (max |x| per input channel over the calibration samples,
+    up to ROWS_KEPT rows of x)."""
+    from graft.passes.pipeline import CompileState
+    from graft.passes.quantize.evaluate import Evaluator
+
+    func = state.mod[function]
+    tapped = relax.transform.Normalize()(tvm.IRModule({function: with_taps(
+        func, [x for x, _ in groups])}))
+    sub = CompileState(tapped, state.params, state.signatures, target=state.target)
+    evaluator = Evaluator(sub, function, {"calibration": samples}, reference=False)
+    maxima, rows = [None] * len(groups), [[] for _ in groups]
+    gen = np.random.default_rng(0)
+    with progress.step(f"collecting activation ranges on {len(samples)} samples"):
+        for outputs in evaluator.run({}, "calibration"):
+            taps = outputs[-len(groups):]
+            for i, x in enumerate(taps):
+                flat = x.reshape(-1, x.shape[-1])
+                m = np.abs(flat).max(axis=0)
+                maxima[i] = m if maxima[i] is None else np.maximum(maxima[i], m)
+                take = min(len(flat), max(ROWS_KEPT // len(samples), 1))
+                rows[i].append(flat[gen.choice(len(flat), take, replace=False)])
+    return [(m, np.concatenate(r)) for m, r in zip(maxima, rows)]
+
+
+def smoothing(x_max, weights: list, alpha: float):
+    """SmoothQuant's per-input-channel factors s (ones for alpha None), and the activation
+    step of x / s."""
+    if alpha is None:
+        return np.ones_like(x_max), float(x_max.max() / 127.0)
+    w_max = np.maximum(np.max([np.abs(w).max(axis=0) for w in weights], axis=0), 1e-8)
+    smooth = np.clip(x_max ** alpha / w_max ** (1 - alpha), 1e-5, 1e5)
+    return smooth, float((x_max / smooth).max() / 127.0)
+
+
+def quantize_weight(w: np.ndarray, smooth: np.ndarray):
+    """int8 per output channel of W * s: (q [N, K], step [N])."""
+    scaled = w.astype(np.float64) * smooth[None, :]
+    step = np.maximum(np.abs(scaled).max(axis=1) / 127.0, 1e-12)
+    return np.clip(np.rint(scaled / step[:, None]), -127, 127).astype(np.int8), step
+
+
+def output_error(x_rows, x_max, weights: list, alpha: float) -> float:
+    """Relative squared error of x @ W.T over the group's weights, quantized with `alpha`."""
+    smooth, step = smoothing(x_max, weights, alpha)
+    xq = np.clip(np.rint(x_rows / smooth / step), -128, 127) * step
+    err, norm = 0.0, 0.0
+    for w in weights:
+        q, w_step = quantize_weight(w, smooth)
+        exact = x_rows.astype(np.float64) @ w.T.astype(np.float64)
+        approx = xq @ (q * w_step[:, None]).T  # (x / s) @ (W * s).T
+        err += float(((exact - approx) ** 2).sum())
+        norm += float((exact ** 2).sum())
+    return err / max(norm, 1e-30)
+
+
+def quantize_w8a8(state, layers: list, reads: dict, samples: list, alpha, kept: dict) -> dict:
+    """Rewrite every function's linear layers in `layers` to W8A8; return per-layer figures."""
+    vnni = K.has_vnni(state.target)
+    function = "main" if "main" in state.signatures else next(iter(state.signatures))
+    func = state.mod[function]
+    weights = function_weights(func, state.signatures[function])
+    linear = [(x, w) for x, w, _ in linear_bindings(func, weights, set(layers))]
+    groups: dict = {}
+    for x, w in linear:
+        groups.setdefault(x, []).append(w)
+    group_list = list(groups.items())
+    activations = collect_activations(state, function, group_list, samples)
+
+    plan, report = {}, {}
+    for (x, names), (x_max, x_rows) in zip(group_list, activations):
+        x_max = np.maximum(x_max.astype(np.float64), 1e-8)
+        weights = [state.params[n] for n in names]
+        if alpha == "auto":  # the strength that keeps this input's products closest
+            chosen = min(ALPHAS, key=lambda a: output_error(x_rows, x_max, weights, a))
+        else:
+            chosen = alpha
+        smooth, step = smoothing(x_max, weights, chosen)
+        act = (1.0 / (smooth * step)).astype(np.float32)
+        for name in names:
+            wq, w_step = quantize_weight(state.params[name], smooth)
+            scale = (step * w_step).astype(np.float32)
+            offset = (-128.0 * wq.astype(np.int64).sum(axis=1) * step * w_step).astype(
+                np.float32)
+            plan[name] = {"wq": K.pack_vnni(wq), "rescale": scale,
+                          "reoffset": offset, "act": act, "group": names[0]}
+            error = (wq * w_step[:, None] / smooth[None, :]) - state.params[name]
+            report[name] = {"precision": "w8a8", "activation_step": step,
+                            "smooth_alpha": chosen,
+                            "weight_error": round(float(np.sqrt(np.mean(error ** 2)) / max(
+                                np.sqrt(np.mean(state.params[name].astype(np.float64) ** 2)),
+                                1e-30)), 6)}
+    _rewrite(state, plan, vnni, kept)
+    return {name: figures for name, figures in report.items()
+            if f"{name}.wq" in state.params}
+
+
+@relax.expr_functor.mutator
+class _W8A8(relax.PyExprMutator):
+    def __init__(self, mod, plan: dict, vnni: bool, kept: dict):
+        super().__init__(mod)
+        self.plan, self.vnni, self.kept = plan, vnni, kept
+        self.weights: dict = {}
+        self.params: dict = {}        # name -> Var, this function's new parameters
+        self.quantized: dict = {}     # (x, group) -> quantized input
+        self.kernels: dict = {}
+
+    def param(self, name: str, array: np.ndarray):
+        if name not in self.params:
+            self.params[name] = relax.Var(name, relax.TensorType(list(array.shape),
+                                                                 str(array.dtype)))
+        return self.params[name]
+
+    def kernel(self, key, make, label):
+        if key not in self.kernels:
+            self.kernels[key] = self.builder_.add_func(make(), label)
+        return self.kernels[key]
+
+    def visit_call_(self, call: relax.Call):
+        if not (call.op.same_as(MATMUL) and isinstance(call.args[1], relax.Var)):
+            return super().visit_call_(call)
+        value = self.lookup_binding(call.args[1])
+        if not (isinstance(value, relax.Call) and value.op.same_as(PERMUTE)
+                and value.args[0] in self.weights and self.weights[value.args[0]] in self.plan):
+            return super().visit_call_(call)
+        name = self.weights[value.args[0]]
+        entry = self.plan[name]
+        x = self.visit_expr(call.args[0])
+        shape = [int(d) if isinstance(d, tvm.tirx.IntImm) else d for d in x.ty.shape.values]
+        k = shape[-1]
+        n = entry["rescale"].shape[0]
+        rows = int(np.prod(shape[:-1])) if all(isinstance(d, int) for d in shape[:-1]) else None
+        why = K.can_use_vnni(rows, k, n) if self.vnni else (
+            None if rows is not None else "a symbolic row count")
+        if why is not None:
+            self.kept[name] = f"w8a8 needs {why}"
+            return super().visit_call_(call)
+        key = (call.args[0], entry["group"])
+        if key not in self.quantized:
+            flat = self.builder_.emit(relax.op.reshape(x, [rows, k])) if len(shape) != 2 else x
+            qf = self.kernel(("q", rows, k), lambda: K.quantize_activation_func([rows, k], k),
+                             "quantize_activation")
+            self.quantized[key] = self.builder_.emit(relax.call_tir(
+                qf, [flat, self.param(f"{entry['group']}.act", entry["act"])],
+                relax.TensorType([rows, k], "uint8")))
+        mm = self.kernel(("mm", rows, k, n), lambda: K.int8_matmul_func(rows, k, n, self.vnni),
+                         "int8_matmul")
+        acc = self.builder_.emit(relax.call_tir(
+            mm, [self.quantized[key], self.param(f"{name}.wq", entry["wq"])],
+            relax.TensorType([rows, n], "int32")))
+        rs = self.kernel(("r", rows, n), lambda: K.rescale_func(rows, n), "rescale")
+        y = relax.call_tir(rs, [acc, self.param(f"{name}.rescale", entry["rescale"]),
+                                self.param(f"{name}.reoffset", entry["reoffset"])],
+                           relax.TensorType([rows, n], "float32"))
+        if len(shape) != 2:
+            y = relax.op.reshape(self.builder_.emit(y), [*shape[:-1], n])
+        return y
+
+
+def _rewrite(state, plan: dict, vnni: bool, kept: dict) -> None:
+    mutator = _W8A8(state.mod, plan, vnni, kept)
+    updated = {}
+    arrays = {}
+    for fname, signature in state.signatures.items():
+        func = state.mod[fname]
+        mutator.weights = function_weights(func, signature)
+        mutator.params, mutator.quantized = {}, {}
+        body = mutator.visit_expr(func.body)
+        added = list(mutator.params.values())
+        updated[fname] = relax.Function(list(func.params) + added, body, func.ret_ty,
+                                        func.is_pure, func.attrs, func.span)
+        signature.params = list(signature.params) + [v.name for v in added]
+        for var in added:
+            base, role = var.name.rsplit(".", 1)
+            arrays[var.name] = plan[base][role] if base in plan else None
+    mod = mutator.builder_.get()
+    for fname, func in updated.items():
+        mod[mod.get_global_var(fname)] = func
+    state.mod = relax.transform.DeadCodeElimination()(relax.transform.Normalize()(mod))
+    for name, array in arrays.items():
+        if array is None:
+            raise GraftError(f"w8a8: no array for parameter {name}")
+        state.params[name] = array
+    drop_unused_params(state)

@@ -1,0 +1,306 @@
+"""Quantize: packed formats against a reference quantizer written here, the Relax rewrite in
+Before/After form, compiled quantized models against PyTorch run with the same rounded weights,
+and the accuracy budget with mixed precision."""
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from tvm import relax
+from tvm.script import ir as I
+from tvm.script import relax as R
+from tvm.script import tirx as T
+
+import graft
+import graft.codegen.target
+import graft.passes.quantize.int8_kernels
+from graft import passes as P
+from graft.frontend.imported import FunctionSignature
+from graft.passes.pipeline import CompileState
+from graft.passes.quantize import formats
+from graft.runtime.errors import GraftError
+
+
+def reference_quantize(w, scheme, group=32, symmetric=False):
+    """Element by element, the float weight each format stands for, and the largest error
+    rounding may make per element (half a step)."""
+    n, k = w.shape
+    out, bound = np.empty_like(w), np.empty_like(w)
+    if scheme == "int8":
+        for row in range(n):
+            step = np.abs(w[row]).max() / 127
+            out[row] = np.round(w[row] / step) * step
+            bound[row] = step / 2
+        return out, bound
+    for row in range(n):
+        for start in range(0, k, group):
+            g = w[row, start:start + group]
+            if symmetric:
+                step = np.abs(g).max() / 7
+                q = np.clip(np.round(g / step), -8, 7)
+                out[row, start:start + group] = q * step
+            else:
+                step = (g.max() - g.min()) / 15
+                out[row, start:start + group] = np.round((g - g.min()) / step) * step + g.min()
+            bound[row, start:start + group] = step / 2
+    return out, bound
+
+
+FORMATS = [("int8", 32, False), ("int4", 32, False), ("int4", 64, True), ("int4", 128, False)]
+
+
+@pytest.mark.parametrize("scheme,group,symmetric", FORMATS)
+def test_packed_format_stands_for_the_reference_rounding(scheme, group, symmetric):
+    w = np.random.default_rng(0).standard_normal((128, 256)).astype(np.float32)
+    packed = formats.quantize(w, scheme, group, symmetric)
+    expected, bound = reference_quantize(w, scheme, group, symmetric)
+    got = formats.dequantize(packed)
+    assert np.all(np.abs(got - w) <= bound * 1.0001 + 1e-7)
+    assert np.allclose(got, expected, atol=1e-5)
+    bits = 8 if scheme == "int8" else 4
+    assert packed.arrays["q"].nbytes == w.size * bits // 8
+
+
+@pytest.mark.parametrize("scheme,group,symmetric", FORMATS)
+def test_expansion_kernels_compute_the_numpy_dequantization(scheme, group, symmetric):
+    w = np.random.default_rng(1).standard_normal((64, 128)).astype(np.float32)
+    packed = formats.quantize(w, scheme, group, symmetric)
+    arrays = [tvm.runtime.tensor(packed.arrays[r]) for r in packed.roles()]
+    lib = tvm.compile(tvm.IRModule({"f": formats.dequantize_func(packed).with_attr(
+        "global_symbol", "f")}), target="llvm")
+    out = tvm.runtime.tensor(np.zeros((128, 64), np.float32))
+    lib["f"](*arrays, out)
+    np.testing.assert_array_equal(out.numpy(), formats.dequantize(packed).T)
+
+    ids = np.array([5, 0, 63, 64, 1000, -3], np.int64)  # the last three past the table: clipped
+    lib = tvm.compile(tvm.IRModule({"g": formats.gather_func(packed, "int64").with_attr(
+        "global_symbol", "g")}), target="llvm")
+    rows = tvm.runtime.tensor(np.zeros((len(ids), 128), np.float32))
+    lib["g"](*arrays, tvm.runtime.tensor(ids), rows)
+    np.testing.assert_array_equal(rows.numpy(), formats.dequantize(packed)[np.clip(ids, 0, 63)])
+
+
+def test_linear_weight_is_read_through_its_dequantize_kernel():
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(x: R.Tensor((1, 32), "float32"), w: R.Tensor((16, 32), "float32")):
+            with R.dataflow():
+                wt = R.permute_dims(w, axes=[1, 0])
+                y = R.matmul(x, wt)
+                R.output(y)
+            return y
+
+    weight = np.random.default_rng(2).standard_normal((16, 32)).astype(np.float32)
+    packed = formats.quantize(weight, "int8")
+
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(x: R.Tensor((1, 32), "float32"), w_q: R.Tensor((32, 16), "int8"),
+                 w_scale: R.Tensor((16,), "float32")):
+            cls = Expected
+            with R.dataflow():
+                wt = R.call_tir(cls.dequantize_int8, (w_q, w_scale),
+                                out_ty=R.Tensor((32, 16), "float32"))
+                y = R.matmul(x, wt)
+                R.output(y)
+            return y
+
+        @T.prim_func(private=True)
+        def dequantize_int8(q: T.Buffer((32, 16), "int8"), s: T.Buffer((16,), "float32"),
+                            w: T.Buffer((32, 16), "float32")):
+            T.evaluate(0)  # stands in for the kernel formats.dequantize_func makes, set below
+
+    expected = Expected.clone()
+    expected[expected.get_global_var("dequantize_int8")] = formats.dequantize_func(packed)
+    state = CompileState(Before, {"w": weight}, {"main": FunctionSignature([], [], ["w"])})
+    did = P.Quantize("int8").run(state)
+    assert state.signatures["main"].params == ["w.q", "w.scale"]
+    assert did["precisions"] == {"int8": 1}
+    after = state.mod
+    assert_equal_ignoring_param_names(after, expected)
+    np.testing.assert_array_equal(state.params["w.q"], packed.arrays["q"])
+    assert "w" not in state.params
+
+
+def assert_equal_ignoring_param_names(after, expected):
+    """Structural equality; Var names are not compared by assert_structural_equal, but
+    the parameter names the pass chose are checked here."""
+    tvm.ir.assert_structural_equal(after, expected)
+    names = [p.name for p in after["main"].params]
+    assert names == ["x", "w.q", "w.scale"]
+
+
+class MLP(torch.nn.Module):
+    def __init__(self, sizes=(64, 128, 64), seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(a, b)
+                                          for a, b in zip(sizes[:-1], sizes[1:]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.nn.functional.gelu(x)
+        return x
+
+
+def rounded_copy(model, scheme, group=32, symmetric=False):
+    """The model with every Linear weight replaced by the reference rounding."""
+    copy = MLP([layer.in_features for layer in model.layers] + [model.layers[-1].out_features])
+    copy.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for layer in copy.layers:
+            rounded, _ = reference_quantize(layer.weight.numpy(), scheme, group, symmetric)
+            layer.weight.copy_(torch.from_numpy(rounded))
+    return copy.eval()
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+@pytest.mark.parametrize("scheme,group,symmetric", [("int8", 32, False), ("int4", 32, False),
+                                                    ("int4", 32, True)])
+def test_quantized_model_matches_torch_with_the_same_rounding(tmp_path, rows, scheme, group,
+                                                              symmetric):
+    model = MLP().eval()
+    x = torch.randn(rows, 64)
+    compiled = graft.compile(model, (x,), passes=[P.Quantize(scheme, group_size=group,
+                                                             symmetric=symmetric)])
+    compiled.save(tmp_path / "art")
+    got = graft.load(tmp_path / "art")(x.numpy())
+    with torch.no_grad():
+        expected = rounded_copy(model, scheme, group, symmetric)(x).numpy()
+        full = model(x).numpy()
+    assert np.abs(got - expected).max() < 1e-4
+    assert np.abs(got - full).max() > 1e-3  # the weights really were rounded
+    kernels = compiled.manifest["kernels"]
+    assert not kernels["generic_kernels"]
+    if rows == 1:  # the product reads the packed weight itself
+        assert kernels["rules"] == {"GEMV" if scheme == "int8" else "QuantizedGEMV": 2}
+    bits = 8 if scheme == "int8" else 4
+    packed = sum(a.nbytes for n, a in compiled.params.items() if n.endswith(".q"))
+    assert packed == (64 * 128 + 128 * 64) * bits // 8
+
+
+class TiedLM(torch.nn.Module):
+    """An embedding table that is also the output layer's weight."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.embed = torch.nn.Embedding(128, 64)
+        self.mix = torch.nn.Linear(64, 64)
+        self.head = torch.nn.Linear(64, 128, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.mix(self.embed(ids))))
+
+
+def test_tied_embedding_is_read_from_the_packed_output_weight(tmp_path):
+    model = TiedLM().eval()
+    ids = torch.tensor([[3, 127, 0, 64]])
+    compiled = graft.compile(model, (ids,), passes=[P.Quantize("int4")])
+    assert not any(not n.endswith((".q", ".scale", ".offset", "bias")) for n in compiled.params)
+    compiled.save(tmp_path / "art")
+    got = graft.load(tmp_path / "art")(ids.numpy())
+    with torch.no_grad():
+        for module in (model.embed, model.mix):
+            rounded, _ = reference_quantize(module.weight.numpy(), "int4")
+            module.weight.copy_(torch.from_numpy(rounded))
+        expected = model(ids).numpy()
+    assert np.abs(got - expected).max() < 1e-4
+
+
+def test_budget_keeps_the_most_sensitive_layers_at_int8(tmp_path):
+    model = MLP((64, 128, 128, 128, 64), seed=4).eval()
+    with torch.no_grad():  # one layer with outliers: int4 hurts it most
+        model.layers[1].weight[:, ::16] *= 12
+    gen = torch.Generator().manual_seed(5)
+    calibration = [(torch.randn(4, 64, generator=gen),) for _ in range(8)]
+    all_int4 = graft.compile(model, calibration[0], passes=[P.Quantize("int4", metric="cosine")],
+                             calibration=calibration)
+    reached = all_int4.manifest["passes"][0]["did"]["calibration_value"]
+    assert reached < 0.99995
+    budget = 1 - (1 - reached) / 4
+    compiled = graft.compile(model, calibration[0], calibration=calibration,
+                             passes=[P.Quantize("int4", budget=f"cosine>={budget:.6f}")])
+    did = compiled.manifest["passes"][0]["did"]
+    assert did["calibration_value"] >= budget
+    precisions = {name: layer["precision"] for name, layer in did["layers"].items()}
+    assert set(precisions.values()) == {"int4", "int8"}
+    assert precisions["p_layers_1_weight"] == "int8"
+    assert all("sensitivity" in layer for layer in did["layers"].values())
+    compiled.save(tmp_path / "art")
+    got = graft.load(tmp_path / "art")(calibration[0][0].numpy())
+    with torch.no_grad():
+        full = model(calibration[0][0]).numpy()
+    cosine = (got * full).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(full, axis=-1)
+    assert cosine.mean() > 1 - 4 * (1 - reached)
+
+    with pytest.raises(GraftError, match="cannot meet the budget cosine>=1"):
+        graft.compile(model, calibration[0], calibration=calibration,
+                      passes=[P.Quantize("int4", budget="cosine>=1.0")])
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(GraftError, match="scheme 'int3'"):
+        P.Quantize("int3")
+    with pytest.raises(GraftError, match="group size 48"):
+        P.Quantize("int4", group_size=48)
+    with pytest.raises(GraftError, match="not understood"):
+        P.Quantize("int4", budget="accuracy>0.9")
+    with pytest.raises(GraftError, match="bounded from above"):
+        P.Quantize("int4", budget="perplexity>=1.05")
+    with pytest.raises(GraftError, match="needs calibration data"):
+        graft.compile(MLP().eval(), (torch.randn(1, 64),),
+                      passes=[P.Quantize("int4", budget="cosine>=0.99")])
+
+
+def unpack_vnni(packed: np.ndarray) -> np.ndarray:
+    """[N/16, K/4, 64] -> int8 [N, K], written independently of int8_kernels.pack_vnni."""
+    n16, k4, _ = packed.shape
+    out = np.empty((n16 * 16, k4 * 4), np.int8)
+    for block in range(n16):
+        for step in range(k4):
+            for lane in range(16):
+                out[block * 16 + lane, step * 4:step * 4 + 4] = packed[block, step,
+                                                                      lane * 4:lane * 4 + 4]
+    return out
+
+
+def test_w8a8_matches_integer_arithmetic_in_numpy_and_the_float_model(tmp_path):
+    model = MLP((64, 128, 128, 64), seed=6).eval()
+    gen = torch.Generator().manual_seed(7)
+    calibration = [(torch.randn(8, 64, generator=gen),) for _ in range(8)]
+    compiled = graft.compile(model, calibration[0], passes=[P.Quantize("w8a8")],
+                             calibration=calibration)
+    did = compiled.manifest["passes"][0]["did"]
+    assert did["precisions"] == {"w8a8": 3} and did["held_out_value"] > 0.99
+    if P.quantize.int8_kernels.has_vnni(graft.codegen.target.resolve_target("cpu")):
+        assert compiled.manifest["kernels"]["rules"]["Int8MatmulVNNI"] == 3
+    compiled.save(tmp_path / "art")
+    x = torch.randn(8, 64, generator=gen)
+    got = graft.load(tmp_path / "art")(x.numpy())
+
+    params = compiled.params
+    h = x.numpy().astype(np.float32)
+    for i, layer in enumerate(model.layers):
+        name = f"p_layers_{i}_weight"
+        xq = np.clip(np.rint(h * params[f"{name}.act"]) + 128, 0, 255).astype(np.int64)
+        acc = xq @ unpack_vnni(params[f"{name}.wq"]).astype(np.int64).T
+        h = (acc * params[f"{name}.rescale"] + params[f"{name}.reoffset"]).astype(np.float32)
+        h = h + layer.bias.detach().numpy()
+        if i < len(model.layers) - 1:
+            h = torch.nn.functional.gelu(torch.from_numpy(h)).numpy()
+    assert np.abs(got - h).max() < 0.02 * np.abs(h).max()
+    with torch.no_grad():
+        full = model(x).numpy()
+    cosine = (got * full).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(full, axis=-1)
+    assert cosine.mean() > 0.99
+
+
+def test_w8a8_needs_calibration():
+    with pytest.raises(GraftError, match="w8a8 needs calibration data"):
+        graft.compile(MLP().eval(), (torch.randn(8, 64),), passes=[P.Quantize("w8a8")])
