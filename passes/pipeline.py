@@ -97,7 +97,13 @@ class DumpInstrument:
             "did": _jsonable(did),
             "dump": path.name,
         })
+        self.write()
+
+    def write(self) -> None:
+        from graft.passes.report import render
+
         (self.dir / "passes.json").write_text(json.dumps(self.records, indent=1) + "\n")
+        (self.dir / "report.html").write_text(render(self.records))
 
     def failed(self, index: int, item: Entry, mod_before: tvm.IRModule, error: BaseException):
         before = self.file_name(index, item.name, ".input.py")
@@ -108,7 +114,7 @@ class DumpInstrument:
                              "options": _jsonable(item.options), "failed": True,
                              "error": f"{type(error).__name__}: {error}",
                              "input": before.name, "traceback": error_file.name})
-        (self.dir / "passes.json").write_text(json.dumps(self.records, indent=1) + "\n")
+        self.write()
         return before
 
 

@@ -136,3 +136,50 @@ sys.exit(main(sys.argv[1:]))
     assert not out.exists()
     leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".art.partial-")]
     assert leftovers  # the partial write stayed under its hidden temporary name
+
+
+def matmul_onnx(path, weight):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    node = helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8, weight.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [8, weight.shape[1]])],
+        initializer=[numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def test_compile_quantized(tmp_path):
+    gen = np.random.default_rng(0)
+    weight = gen.standard_normal((64, 128)).astype(np.float32)
+    model = matmul_onnx(tmp_path / "proj.onnx", weight)
+    np.savez(tmp_path / "cal.npz", x=gen.standard_normal((6, 8, 64)).astype(np.float32))
+    out = tmp_path / "art"
+    result = graft_cli("compile", model, "-o", out, "--quantize", "int4", "--calibration",
+                       tmp_path / "cal.npz", "--budget", "cosine>=0.95")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads(graft_cli("inspect", out, "--json").stdout)
+    did = manifest["passes"][0]["did"]
+    assert did["layers"]["w"]["precision"] == "int4" and did["held_out_value"] >= 0.95
+    x = gen.standard_normal((8, 64)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", x=x)
+    result = graft_cli("run", out, "--inputs", tmp_path / "in.npz", "--output", tmp_path / "o.npz")
+    assert result.returncode == 0, result.stderr
+    y = np.load(tmp_path / "o.npz")["y"]
+    cosine = (y * (x @ weight)).sum(1) / np.linalg.norm(y, axis=1) / np.linalg.norm(x @ weight,
+                                                                                    axis=1)
+    assert cosine.min() > 0.95
+
+    result = graft_cli("compile", model, "-o", tmp_path / "o2", "--quantize", "int4",
+                       "--calibration", tmp_path / "absent.npz")
+    assert_one_line_error(result, "absent.npz", "does not exist")
+    result = graft_cli("compile", model, "-o", tmp_path / "o2", "--quantize", "int4",
+                       "--calibration", tmp_path / "cal.npz", "--budget", "cosine>=1.5")
+    assert_one_line_error(result, "cannot meet the budget cosine>=1.5")
+    result = graft_cli("compile", model, "-o", tmp_path / "o2", "--budget", "cosine>=0.9")
+    assert_one_line_error(result, "--budget and --calibration go with")
+    assert not (tmp_path / "o2").exists()

@@ -123,7 +123,7 @@ def test_smollm_builds_for_cuda(smollm_imported, arch, tmp_path):
         assert result.token_ids == expected
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "fp16", "w8a8"])
 def test_quantized_model_builds_for_cuda(scheme, tmp_path):
     if not HAS_NVCC:
         pytest.skip("nvcc is not installed: CUDA code cannot be generated here")
@@ -132,9 +132,11 @@ def test_quantized_model_builds_for_cuda(scheme, tmp_path):
     from test_quantize import MLP
 
     model = MLP().eval()
-    x = torch.randn(1, 64)
+    x = torch.randn(8, 64)
+    calibration = [(torch.randn(8, 64),) for _ in range(4)] if scheme == "w8a8" else None
     compiled = graft.compile(model, (x,), target=_cuda_target("sm_90"),
-                             passes=[P.Quantize(scheme)])
+                             passes=[P.Quantize(scheme)], calibration=calibration)
+    assert compiled.manifest["passes"][0]["did"]["precisions"] == {scheme: 2}
     compiled.save(tmp_path / "art")
     assert (tmp_path / "art" / "model.so").stat().st_size > 0
     if HAS_GPU:
@@ -144,13 +146,33 @@ def test_quantized_model_builds_for_cuda(scheme, tmp_path):
 
 
 @pytest.mark.slow
-def test_int4_smollm_builds_for_cuda(smollm_imported, tmp_path):
+@pytest.mark.parametrize("scheme", ["int4", "fp16"])
+def test_quantized_smollm_builds_for_cuda(smollm_imported, scheme, tmp_path):
     if not HAS_NVCC:
         pytest.skip("nvcc is not installed: CUDA code cannot be generated here")
     from graft import passes as P
 
     compiled = graft.compile(smollm_imported, target=_cuda_target("sm_90"),
-                             passes=[P.Quantize("int4")])
+                             passes=[P.Quantize(scheme)])
     compiled.save(tmp_path / "art")
     assert (tmp_path / "art" / "model.so").stat().st_size > 0
-    assert compiled.manifest["passes"][0]["did"]["precisions"] == {"int4": 211}
+    assert compiled.manifest["passes"][0]["did"]["precisions"] == {scheme: 211}
+
+
+@pytest.mark.slow
+def test_w8a8_minilm_builds_for_cuda(minilm_imported, tmp_path):
+    if not HAS_NVCC:
+        pytest.skip("nvcc is not installed: CUDA code cannot be generated here")
+    from graft import passes as P
+
+    module, _ = minilm_imported
+    gen = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 30000, (4, 32), generator=gen), torch.ones(4, 32,
+                                                                            dtype=torch.long))
+               for _ in range(4)]
+    compiled = graft.compile(module, batches[0], target=_cuda_target("sm_90"),
+                             passes=[P.Quantize("w8a8")], calibration=batches)
+    compiled.save(tmp_path / "art")
+    assert (tmp_path / "art" / "model.so").stat().st_size > 0
+    did = compiled.manifest["passes"][0]["did"]
+    assert did["precisions"] == {"w8a8": 36} and did["held_out_value"] > 0.95

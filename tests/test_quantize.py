@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 import tvm
-from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
 from tvm.script import tirx as T
@@ -26,6 +25,10 @@ def reference_quantize(w, scheme, group=32, symmetric=False):
     rounding may make per element (half a step)."""
     n, k = w.shape
     out, bound = np.empty_like(w), np.empty_like(w)
+    if scheme == "fp16":  # round to nearest with 10 mantissa bits
+        exponent = np.floor(np.log2(np.abs(w)))
+        step = 2.0 ** (exponent - 10)
+        return np.round(w / step) * step, step / 2
     if scheme == "int8":
         for row in range(n):
             step = np.abs(w[row]).max() / 127
@@ -46,7 +49,8 @@ def reference_quantize(w, scheme, group=32, symmetric=False):
     return out, bound
 
 
-FORMATS = [("int8", 32, False), ("int4", 32, False), ("int4", 64, True), ("int4", 128, False)]
+FORMATS = [("int8", 32, False), ("int4", 32, False), ("int4", 64, True), ("int4", 128, False),
+           ("fp16", 0, False)]
 
 
 @pytest.mark.parametrize("scheme,group,symmetric", FORMATS)
@@ -57,7 +61,7 @@ def test_packed_format_stands_for_the_reference_rounding(scheme, group, symmetri
     got = formats.dequantize(packed)
     assert np.all(np.abs(got - w) <= bound * 1.0001 + 1e-7)
     assert np.allclose(got, expected, atol=1e-5)
-    bits = 8 if scheme == "int8" else 4
+    bits = {"int8": 8, "int4": 4, "fp16": 16}[scheme]
     assert packed.arrays["q"].nbytes == w.size * bits // 8
 
 
@@ -160,7 +164,7 @@ def rounded_copy(model, scheme, group=32, symmetric=False):
 
 @pytest.mark.parametrize("rows", [1, 8])
 @pytest.mark.parametrize("scheme,group,symmetric", [("int8", 32, False), ("int4", 32, False),
-                                                    ("int4", 32, True)])
+                                                    ("int4", 32, True), ("fp16", 32, False)])
 def test_quantized_model_matches_torch_with_the_same_rounding(tmp_path, rows, scheme, group,
                                                               symmetric):
     model = MLP().eval()
@@ -173,12 +177,12 @@ def test_quantized_model_matches_torch_with_the_same_rounding(tmp_path, rows, sc
         expected = rounded_copy(model, scheme, group, symmetric)(x).numpy()
         full = model(x).numpy()
     assert np.abs(got - expected).max() < 1e-4
-    assert np.abs(got - full).max() > 1e-3  # the weights really were rounded
+    assert np.abs(got - full).max() > (1e-6 if scheme == "fp16" else 1e-3)  # really rounded
     kernels = compiled.manifest["kernels"]
     assert not kernels["generic_kernels"]
     if rows == 1:  # the product reads the packed weight itself
-        assert kernels["rules"] == {"GEMV" if scheme == "int8" else "QuantizedGEMV": 2}
-    bits = 8 if scheme == "int8" else 4
+        assert kernels["rules"] == {"QuantizedGEMV" if scheme == "int4" else "GEMV": 2}
+    bits = {"int8": 8, "int4": 4, "fp16": 16}[scheme]
     packed = sum(a.nbytes for n, a in compiled.params.items() if n.endswith(".q"))
     assert packed == (64 * 128 + 128 * 64) * bits // 8
 
@@ -270,12 +274,13 @@ def unpack_vnni(packed: np.ndarray) -> np.ndarray:
     return out
 
 
-def test_w8a8_matches_integer_arithmetic_in_numpy_and_the_float_model(tmp_path):
+@pytest.mark.parametrize("activations", ["static", "dynamic"])
+def test_w8a8_matches_integer_arithmetic_in_numpy_and_the_float_model(tmp_path, activations):
     model = MLP((64, 128, 128, 64), seed=6).eval()
     gen = torch.Generator().manual_seed(7)
     calibration = [(torch.randn(8, 64, generator=gen),) for _ in range(8)]
-    compiled = graft.compile(model, calibration[0], passes=[P.Quantize("w8a8")],
-                             calibration=calibration)
+    compiled = graft.compile(model, calibration[0], calibration=calibration,
+                             passes=[P.Quantize("w8a8", activations=activations)])
     did = compiled.manifest["passes"][0]["did"]
     assert did["precisions"] == {"w8a8": 3} and did["held_out_value"] > 0.99
     if P.quantize.int8_kernels.has_vnni(graft.codegen.target.resolve_target("cpu")):
@@ -288,9 +293,16 @@ def test_w8a8_matches_integer_arithmetic_in_numpy_and_the_float_model(tmp_path):
     h = x.numpy().astype(np.float32)
     for i, layer in enumerate(model.layers):
         name = f"p_layers_{i}_weight"
-        xq = np.clip(np.rint(h * params[f"{name}.act"]) + 128, 0, 255).astype(np.int64)
+        scaled = h * params[f"{name}.act"]
+        step = np.abs(scaled).max(axis=1, keepdims=True) / 127 if activations == "dynamic" \
+            else np.float32(1)
+        xq = np.clip(np.rint(scaled / step) + 128, 0, 255).astype(np.int64)
         acc = xq @ unpack_vnni(params[f"{name}.wq"]).astype(np.int64).T
-        h = (acc * params[f"{name}.rescale"] + params[f"{name}.reoffset"]).astype(np.float32)
+        if activations == "dynamic":
+            h = (acc + params[f"{name}.reoffset"]) * step * params[f"{name}.rescale"]
+        else:
+            h = acc * params[f"{name}.rescale"] + params[f"{name}.reoffset"]
+        h = h.astype(np.float32)
         h = h + layer.bias.detach().numpy()
         if i < len(model.layers) - 1:
             h = torch.nn.functional.gelu(torch.from_numpy(h)).numpy()
@@ -304,3 +316,22 @@ def test_w8a8_matches_integer_arithmetic_in_numpy_and_the_float_model(tmp_path):
 def test_w8a8_needs_calibration():
     with pytest.raises(GraftError, match="w8a8 needs calibration data"):
         graft.compile(MLP().eval(), (torch.randn(8, 64),), passes=[P.Quantize("w8a8")])
+
+
+def test_quantize_figures_in_passes_json_and_report(tmp_path):
+    import json
+
+    gen = torch.Generator().manual_seed(8)
+    calibration = [(torch.randn(4, 64, generator=gen),) for _ in range(4)]
+    graft.compile(MLP().eval(), calibration[0], passes=[P.Quantize("int4")],
+                  calibration=calibration, dump_dir=tmp_path / "dumps")
+    records = json.loads((tmp_path / "dumps" / "passes.json").read_text())
+    quantize = next(r for r in records if r["pass"] == "quantize")
+    assert quantize["did"]["metric"] == "cosine" and 0.9 < quantize["did"]["held_out_value"] <= 1
+    layers = quantize["did"]["layers"]
+    assert set(layers) == {"p_layers_0_weight", "p_layers_1_weight"}
+    assert all(0 < layer["weight_error"] < 0.2 and layer["precision"] == "int4"
+               for layer in layers.values())
+    assert quantize["param_bytes"] < records[0]["param_bytes"] / 4
+    report = (tmp_path / "dumps" / "report.html").read_text()
+    assert "weight error by layer" in report and "p_layers_1_weight" in report

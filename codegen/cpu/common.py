@@ -152,6 +152,24 @@ def inline_producers_keeping_gemm(sch: s_tir.Schedule, block) -> None:
                 break
 
 
+def write_back_with_epilogue(sch: s_tir.Schedule, main, at, fuse_epilogue: bool = True):
+    """Accumulate `main`'s output in registers, written back under loop `at`; with
+    `fuse_epilogue`, the element-wise epilogue is computed there too, on the values still in
+    registers. Returns the block that writes the function's output under `at`."""
+    registers = sch.cache_write(main, 0, "local")
+    sch.reverse_compute_at(registers, at, preserve_unit_loops=True)
+    if not (fuse_epilogue and sch.get_consumers(registers)):
+        return registers
+    inline_epilogue(sch, registers)
+    try:
+        sch.compute_inline(registers)
+        final = transitive_consumers(sch, main)[-1]
+        sch.reverse_compute_at(final, at, preserve_unit_loops=True)
+        return final
+    except Exception:  # noqa: BLE001 - keep the write-back; the epilogue follows it
+        return registers
+
+
 def loop_of_reduction(sch: s_tir.Schedule, block):
     """The loop that drives the block's (first) reduction iterator."""
     return loop_of_iter(sch, block, lambda iv: iv.iter_type == tirx.IterVar.CommReduce)

@@ -110,17 +110,8 @@ class Matmul(common.CPURule):
         if tile_level is None:  # the K-blocked tile accumulates at the innermost outer loop
             tile_level = tasks if parallel == len(outer) else outer[-1]
 
-        registers = sch.cache_write(main, 0, "local")
-        sch.reverse_compute_at(registers, tile_level, preserve_unit_loops=True)
-        final = registers
-        if sch.get_consumers(registers) and self.one_row_and_column_axis(axes):
-            common.inline_epilogue(sch, registers)
-            try:
-                sch.compute_inline(registers)
-                final = common.transitive_consumers(sch, main)[-1]
-                sch.reverse_compute_at(final, tile_level, preserve_unit_loops=True)
-            except Exception:  # noqa: BLE001 - keep the write-back; the epilogue follows it
-                final = registers
+        final = common.write_back_with_epilogue(sch, main, tile_level,
+                                                self.one_row_and_column_axis(axes))
         self.vectorize_tile(sch, final, lanes)
 
         sch.unroll(i_reg)

@@ -36,7 +36,6 @@ class QuantizedGEMV(common.CPURule):
         if tile is None:
             return None
         common.inline_epilogue(sch, total)
-        consumers = common.transitive_consumers(sch, total)
 
         *lead, col, grp = sch.get_loops(total)
         col_tile, col_in = sch.split(col, [None, tile])
@@ -54,18 +53,8 @@ class QuantizedGEMV(common.CPURule):
 
         t_vec, t_lane = sch.split(sch.get_loops(total)[-1], [None, lanes])
         sch.vectorize(t_lane)
-        accumulators = sch.cache_write(total, 0, "local")
-        sch.reverse_compute_at(accumulators, task, preserve_unit_loops=True)
+        final = common.write_back_with_epilogue(sch, total, task)
         sch.decompose_reduction(total, sch.get_loops(total)[-3])
-        final = accumulators
-        if consumers:
-            common.inline_epilogue(sch, accumulators)
-            try:
-                sch.compute_inline(accumulators)
-                final = common.transitive_consumers(sch, total)[-1]
-                sch.reverse_compute_at(final, task, preserve_unit_loops=True)
-            except Exception:  # noqa: BLE001 - keep the write-back; the epilogue follows it
-                final = accumulators
         common.vectorize_innermost(sch, final, lanes)
         for block in common.blocks(sch):
             if not any(sch.get(l).kind == tirx.ForKind.PARALLEL for l in sch.get_loops(block)):

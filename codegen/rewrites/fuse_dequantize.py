@@ -29,7 +29,7 @@ def one_row(x) -> bool:
 
 def _patterns() -> list:
     patterns = []
-    for packed_arrays in (2, 3):
+    for packed_arrays in (1, 2, 3):
         dequantize = is_op("relax.call_tir")(
             GlobalVarPattern(), TuplePattern([wildcard() for _ in range(packed_arrays)]))
         for extra in range(MOST_OPERANDS + 1):

@@ -14,22 +14,11 @@ import tvm
 from tvm import relax
 
 from graft.ir.weights import bindings as _bindings
-from graft.ir.weights import drop_unused_params, function_weights
+from graft.ir.weights import drop_unused_params, function_weights, readers_of
 from graft.ir.weights import is_weight_transpose as _is_transpose_2d
 from graft.passes.pipeline import CompileState, GraftPass
 
 MATMUL = tvm.ir.Op.get("relax.matmul")
-
-
-def _uses(func: relax.Function) -> dict:
-    """For every variable, the binding values (and the function result) that read it."""
-    uses: dict = {}
-    for binding in _bindings(func):
-        for var in relax.analysis.free_vars(binding.value):
-            uses.setdefault(var, []).append(binding.value)
-    for var in relax.analysis.free_vars(func.body.body):
-        uses.setdefault(var, []).append(None)
-    return uses
 
 
 def _read_only_as_matmul_rhs(var: relax.Var, uses: dict) -> bool:
@@ -48,7 +37,7 @@ class PrepackWeights(GraftPass):
         for name, signature in state.signatures.items():
             func = state.mod[name]
             weights = function_weights(func, signature)
-            swaps, uses = {}, _uses(func)
+            swaps, uses = {}, readers_of(func)
             for binding in _bindings(func):
                 if _is_transpose_2d(binding.value, weights) and \
                         _read_only_as_matmul_rhs(binding.var, uses):

@@ -50,11 +50,6 @@ class Budget:
         return f"{self.metric}{'>=' if METRICS[self.metric][1] else '<='}{self.bound:g}"
 
 
-def loss(metric: str, value: float) -> float:
-    """How far a metric value is from a perfect copy of the original (0 is perfect)."""
-    return value - 1.0 if not METRICS[metric][1] else 1.0 - value
-
-
 class Evaluator:
     """Runs one function of the original module on calibration samples with chosen weights."""
 

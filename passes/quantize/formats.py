@@ -4,6 +4,7 @@ that expand them (see DESIGN.md, "Passes").
 A linear layer's weight W [N out, K in] is stored in layouts the CPU kernels stream, where a
 row of K is a vector of outputs:
 
+- fp16: `q` float16 [K, N]; w = float32(q) (storage only: products stay float32).
 - int8, per output channel, symmetric: `q` int8 [K, N], `scale` float32 [N];
   w = q * scale.
 - int4, group-wise along K (the reduction axis), two values per byte: `q` uint8
@@ -29,7 +30,7 @@ from tvm import te, tirx
 
 NIBBLE_BLOCK = 32  # columns per nibble block (see the module docstring)
 COLUMN_TILE = 64   # int4 columns stored together over all of K (see the module docstring)
-SCHEMES = ("int8", "int4")
+SCHEMES = ("int8", "int4", "fp16")
 
 
 @dataclass
@@ -48,6 +49,8 @@ class PackedWeight:
         return int(sum(a.nbytes for a in self.arrays.values()))
 
     def roles(self) -> list[str]:
+        if self.scheme == "fp16":
+            return ["q"]
         return ["q", "scale"] if self.scheme == "int8" or self.symmetric else \
             ["q", "scale", "offset"]
 
@@ -64,6 +67,8 @@ class PackedWeight:
     def shapes(self) -> dict:
         """role -> (shape, dtype) of the packed arrays."""
         k, n = self.k, self.n
+        if self.scheme == "fp16":
+            return {"q": ((k, n), "float16")}
         if self.scheme == "int8":
             return {"q": ((k, n), "int8"), "scale": ((n,), "float32")}
         groups = {"scale": ((k // self.group, n), "float32")}
@@ -87,6 +92,9 @@ def quantize(weight_nk: np.ndarray, scheme: str, group: int = 32,
     """Quantize a float weight W [N, K] (torch's Linear layout) into a packed format."""
     w = np.asarray(weight_nk, dtype=np.float32)
     n, k = w.shape
+    if scheme == "fp16":
+        return PackedWeight("fp16", k, n, 0, True, {"q": np.ascontiguousarray(
+            w.T.astype(np.float16))})
     if scheme == "int8":
         scale = np.abs(w).max(axis=1) / 127.0
         scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
@@ -121,6 +129,8 @@ def quantize(weight_nk: np.ndarray, scheme: str, group: int = 32,
 def dequantize(packed: PackedWeight) -> np.ndarray:
     """The float32 weight [N, K] the kernels compute from `packed`."""
     a = packed.arrays
+    if packed.scheme == "fp16":
+        return a["q"].astype(np.float32).T.copy()
     if packed.scheme == "int8":
         return (a["q"].astype(np.float32) * a["scale"][None, :]).T.copy()
     k, n, g = packed.k, packed.n, packed.group
@@ -150,7 +160,10 @@ def _operands(packed: PackedWeight) -> list:
 def _expand(packed: PackedWeight, operands: list, row, col):
     """The float32 weight at [row (K), col (N)] from the packed operands."""
     parts = dict(zip(packed.roles(), operands))
-    q, scale = parts["q"], parts["scale"]
+    q = parts["q"]
+    if packed.scheme == "fp16":
+        return q[row, col].astype("float32")
+    scale = parts["scale"]
     if packed.scheme == "int8":
         return q[row, col].astype("float32") * scale[col]
     byte, shift = _nibble_address(q, row, col)

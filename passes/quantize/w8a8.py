@@ -1,5 +1,5 @@
-"""W8A8: int8 weights and int8 activations for linear layers, static per-tensor activation
-scales from calibration, with SmoothQuant smoothing.
+"""W8A8: int8 weights and int8 activations for linear layers, activation scales static per
+tensor (from calibration) or dynamic per token, with SmoothQuant smoothing.
 
 Calibration runs the original function with every linear layer's input as an extra output,
 and takes each input channel's largest magnitude. Smoothing moves activation outliers into
@@ -21,76 +21,12 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from graft import progress
-from graft.ir.weights import MATMUL, PERMUTE, bindings, drop_unused_params, function_weights
+from graft.ir.weights import MATMUL, PERMUTE, drop_unused_params, function_weights
 from graft.passes.quantize import int8_kernels as K
+from graft.passes.quantize.activations import collect_activations, linear_inputs
 from graft.runtime.errors import GraftError
 
-
-def linear_bindings(func: relax.Function, weights: dict, names: set) -> list:
-    """(x, weight name, matmul binding var) for every `matmul(x, permute_dims(W))`."""
-    transposed = {b.var: weights[b.value.args[0]] for b in bindings(func)
-                  if isinstance(b.value, relax.Call) and b.value.op.same_as(PERMUTE)
-                  and isinstance(b.value.args[0], relax.Var) and b.value.args[0] in weights
-                  and weights[b.value.args[0]] in names}
-    found = []
-    for b in bindings(func):
-        v = b.value
-        if isinstance(v, relax.Call) and v.op.same_as(MATMUL) and v.args[1] in transposed \
-                and str(v.args[0].ty.dtype) == "float32":
-            found.append((v.args[0], transposed[v.args[1]], b.var))
-    return found
-
-
-def with_taps(func: relax.Function, taps: list) -> relax.Function:
-    """The function returning (its result, *taps) as well: each tap bound inside the
-    dataflow block to an output var."""
-    outputs, blocks = {}, []
-    tap_set = {t for t in taps}
-    for block in func.body.blocks:
-        new = []
-        for b in block.bindings:
-            new.append(b)
-            if b.var in tap_set and b.var not in outputs:
-                var = relax.Var(f"tap{len(outputs)}", b.var.ty)
-                outputs[b.var] = var
-                new.append(relax.VarBinding(var, b.var))
-        cls = relax.DataflowBlock if isinstance(block, relax.DataflowBlock) else \
-            relax.BindingBlock
-        blocks.append(cls(new))
-    results = [outputs.get(t, t) for t in taps]
-    body = relax.SeqExpr(blocks, relax.Tuple([func.body.body, *results]))
-    ret = relax.TupleType([func.ret_ty, *[t.ty for t in taps]])
-    return relax.Function(func.params, body, ret, func.is_pure, func.attrs)
-
-
-ROWS_KEPT = 4096  # activation rows per layer input kept for choosing alpha
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
-
-
-def collect_activations(state, function: str, groups: list, samples: list) -> list:
-    """For each group's input: (max |x| per input channel over the calibration samples,
-    up to ROWS_KEPT rows of x)."""
-    from graft.passes.pipeline import CompileState
-    from graft.passes.quantize.evaluate import Evaluator
-
-    func = state.mod[function]
-    tapped = relax.transform.Normalize()(tvm.IRModule({function: with_taps(
-        func, [x for x, _ in groups])}))
-    sub = CompileState(tapped, state.params, state.signatures, target=state.target)
-    evaluator = Evaluator(sub, function, {"calibration": samples}, reference=False)
-    maxima, rows = [None] * len(groups), [[] for _ in groups]
-    gen = np.random.default_rng(0)
-    with progress.step(f"collecting activation ranges on {len(samples)} samples"):
-        for outputs in evaluator.run({}, "calibration"):
-            taps = outputs[-len(groups):]
-            for i, x in enumerate(taps):
-                flat = x.reshape(-1, x.shape[-1])
-                m = np.abs(flat).max(axis=0)
-                maxima[i] = m if maxima[i] is None else np.maximum(maxima[i], m)
-                take = min(len(flat), max(ROWS_KEPT // len(samples), 1))
-                rows[i].append(flat[gen.choice(len(flat), take, replace=False)])
-    return [(m, np.concatenate(r)) for m, r in zip(maxima, rows)]
 
 
 def smoothing(x_max, weights: list, alpha: float):
@@ -124,13 +60,15 @@ def output_error(x_rows, x_max, weights: list, alpha: float) -> float:
     return err / max(norm, 1e-30)
 
 
-def quantize_w8a8(state, layers: list, reads: dict, samples: list, alpha, kept: dict) -> dict:
+def quantize_w8a8(state, layers: list, reads: dict, samples: list, alpha, kept: dict,
+                  dynamic: bool = False) -> dict:
     """Rewrite every function's linear layers in `layers` to W8A8; return per-layer figures."""
     vnni = K.has_vnni(state.target)
     function = "main" if "main" in state.signatures else next(iter(state.signatures))
     func = state.mod[function]
     weights = function_weights(func, state.signatures[function])
-    linear = [(x, w) for x, w, _ in linear_bindings(func, weights, set(layers))]
+    linear = [(x, w) for x, w, transposed in linear_inputs(func, weights, set(layers))
+              if transposed]
     groups: dict = {}
     for x, w in linear:
         groups.setdefault(x, []).append(w)
@@ -146,30 +84,34 @@ def quantize_w8a8(state, layers: list, reads: dict, samples: list, alpha, kept: 
         else:
             chosen = alpha
         smooth, step = smoothing(x_max, weights, chosen)
-        act = (1.0 / (smooth * step)).astype(np.float32)
+        act = (1.0 / (smooth * (1.0 if dynamic else step))).astype(np.float32)
         for name in names:
             wq, w_step = quantize_weight(state.params[name], smooth)
-            scale = (step * w_step).astype(np.float32)
-            offset = (-128.0 * wq.astype(np.int64).sum(axis=1) * step * w_step).astype(
-                np.float32)
+            correction = -128.0 * wq.astype(np.int64).sum(axis=1)
+            if dynamic:  # y = (acc + correction) * row step * weight step
+                scale, offset = w_step.astype(np.float32), correction.astype(np.float32)
+            else:
+                scale = (step * w_step).astype(np.float32)
+                offset = (correction * step * w_step).astype(np.float32)
             plan[name] = {"wq": K.pack_vnni(wq), "rescale": scale,
                           "reoffset": offset, "act": act, "group": names[0]}
             error = (wq * w_step[:, None] / smooth[None, :]) - state.params[name]
-            report[name] = {"precision": "w8a8", "activation_step": step,
+            report[name] = {"precision": "w8a8",
+                            "activation_step": "per token" if dynamic else step,
                             "smooth_alpha": chosen,
                             "weight_error": round(float(np.sqrt(np.mean(error ** 2)) / max(
                                 np.sqrt(np.mean(state.params[name].astype(np.float64) ** 2)),
                                 1e-30)), 6)}
-    _rewrite(state, plan, vnni, kept)
+    _rewrite(state, plan, vnni, kept, dynamic)
     return {name: figures for name, figures in report.items()
             if f"{name}.wq" in state.params}
 
 
 @relax.expr_functor.mutator
 class _W8A8(relax.PyExprMutator):
-    def __init__(self, mod, plan: dict, vnni: bool, kept: dict):
+    def __init__(self, mod, plan: dict, vnni: bool, kept: dict, dynamic: bool):
         super().__init__(mod)
-        self.plan, self.vnni, self.kept = plan, vnni, kept
+        self.plan, self.vnni, self.kept, self.dynamic = plan, vnni, kept, dynamic
         self.weights: dict = {}
         self.params: dict = {}        # name -> Var, this function's new parameters
         self.quantized: dict = {}     # (x, group) -> quantized input
@@ -185,6 +127,23 @@ class _W8A8(relax.PyExprMutator):
         if key not in self.kernels:
             self.kernels[key] = self.builder_.add_func(make(), label)
         return self.kernels[key]
+
+    def quantize_input(self, x, shape, rows: int, k: int, entry: dict):
+        """(uint8 x, per-row steps or None), emitted once per input."""
+        flat = self.builder_.emit(relax.op.reshape(x, [rows, k])) if len(shape) != 2 else x
+        factor = self.param(f"{entry['group']}.act", entry["act"])
+        if not self.dynamic:
+            qf = self.kernel(("q", rows, k), lambda: K.quantize_activation_func([rows, k], k),
+                             "quantize_activation")
+            return self.builder_.emit(relax.call_tir(
+                qf, [flat, factor], relax.TensorType([rows, k], "uint8"))), None
+        sf = self.kernel(("rs", rows, k), lambda: K.row_steps_func([rows, k], k), "row_steps")
+        steps = self.builder_.emit(relax.call_tir(sf, [flat, factor],
+                                                  relax.TensorType([rows], "float32")))
+        qf = self.kernel(("qr", rows, k), lambda: K.quantize_rows_func([rows, k], k),
+                         "quantize_rows")
+        return self.builder_.emit(relax.call_tir(
+            qf, [flat, factor, steps], relax.TensorType([rows, k], "uint8"))), steps
 
     def visit_call_(self, call: relax.Call):
         if not (call.op.same_as(MATMUL) and isinstance(call.args[1], relax.Var)):
@@ -207,28 +166,30 @@ class _W8A8(relax.PyExprMutator):
             return super().visit_call_(call)
         key = (call.args[0], entry["group"])
         if key not in self.quantized:
-            flat = self.builder_.emit(relax.op.reshape(x, [rows, k])) if len(shape) != 2 else x
-            qf = self.kernel(("q", rows, k), lambda: K.quantize_activation_func([rows, k], k),
-                             "quantize_activation")
-            self.quantized[key] = self.builder_.emit(relax.call_tir(
-                qf, [flat, self.param(f"{entry['group']}.act", entry["act"])],
-                relax.TensorType([rows, k], "uint8")))
+            self.quantized[key] = self.quantize_input(x, shape, rows, k, entry)
+        xq, steps = self.quantized[key]
         mm = self.kernel(("mm", rows, k, n), lambda: K.int8_matmul_func(rows, k, n, self.vnni),
                          "int8_matmul")
         acc = self.builder_.emit(relax.call_tir(
-            mm, [self.quantized[key], self.param(f"{name}.wq", entry["wq"])],
+            mm, [xq, self.param(f"{name}.wq", entry["wq"])],
             relax.TensorType([rows, n], "int32")))
-        rs = self.kernel(("r", rows, n), lambda: K.rescale_func(rows, n), "rescale")
-        y = relax.call_tir(rs, [acc, self.param(f"{name}.rescale", entry["rescale"]),
-                                self.param(f"{name}.reoffset", entry["reoffset"])],
-                           relax.TensorType([rows, n], "float32"))
+        scales = [self.param(f"{name}.rescale", entry["rescale"]),
+                  self.param(f"{name}.reoffset", entry["reoffset"])]
+        if self.dynamic:
+            rs = self.kernel(("rr", rows, n), lambda: K.rescale_rows_func(rows, n),
+                             "rescale_rows")
+            y = relax.call_tir(rs, [acc, steps, *scales], relax.TensorType([rows, n],
+                                                                          "float32"))
+        else:
+            rs = self.kernel(("r", rows, n), lambda: K.rescale_func(rows, n), "rescale")
+            y = relax.call_tir(rs, [acc, *scales], relax.TensorType([rows, n], "float32"))
         if len(shape) != 2:
             y = relax.op.reshape(self.builder_.emit(y), [*shape[:-1], n])
         return y
 
 
-def _rewrite(state, plan: dict, vnni: bool, kept: dict) -> None:
-    mutator = _W8A8(state.mod, plan, vnni, kept)
+def _rewrite(state, plan: dict, vnni: bool, kept: dict, dynamic: bool) -> None:
+    mutator = _W8A8(state.mod, plan, vnni, kept, dynamic)
     updated = {}
     arrays = {}
     for fname, signature in state.signatures.items():
