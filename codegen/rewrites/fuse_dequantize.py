@@ -27,6 +27,11 @@ def one_row(x) -> bool:
     return all(isinstance(d, tvm.tirx.IntImm) and d.value == 1 for d in shape.values[:-1])
 
 
+def has_dequantize_kernels(mod: tvm.IRModule) -> bool:
+    return any(isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None
+               and DEQUANTIZE_ATTR in f.attrs for _, f in mod.functions_items())
+
+
 def _patterns() -> list:
     patterns = []
     for packed_arrays in (1, 2, 3):
@@ -42,6 +47,9 @@ def _patterns() -> list:
 @tvm.transform.module_pass(opt_level=0, name="FuseDequantizeGEMV")
 class FuseDequantizeGEMV:
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        if not has_dequantize_kernels(mod):
+            return mod
+
         def is_gemv(context) -> bool:
             call = context.matched_expr
             callee = mod[context.annotated_expr["dequantize"].args[0]]

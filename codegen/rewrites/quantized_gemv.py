@@ -15,7 +15,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
-from graft.codegen.rewrites.fuse_dequantize import DEQUANTIZE_ATTR, one_row
+from graft.codegen.rewrites.fuse_dequantize import DEQUANTIZE_ATTR, has_dequantize_kernels, one_row
 from graft.passes.quantize.formats import PackedWeight, gemv_func
 
 CALL_TIR = tvm.ir.Op.get("relax.call_tir")
@@ -66,8 +66,7 @@ class _GroupedGEMV(relax.PyExprMutator):
 @tvm.transform.module_pass(opt_level=0, name="QuantizedGEMVKernel")
 class QuantizedGEMVKernel:
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        if not any(f.attrs is not None and DEQUANTIZE_ATTR in f.attrs
-                   for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)):
+        if not has_dequantize_kernels(mod):
             return mod
         mutator = _GroupedGEMV(mod)
         for gv, func in mod.functions_items():

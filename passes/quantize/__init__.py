@@ -45,8 +45,9 @@ class Quantize(GraftPass):
     budget: "perplexity<=R", "cosine>=C" or "top1>=A", measured on calibration data against
         the original model; layers are kept at `fallback` until it holds.
     fallback: the higher precision for sensitive layers ("int8", "fp16" or "fp32").
-    metric: the figure to record when no budget is given (default: perplexity for a causal LM,
-        cosine otherwise).
+    metric: the figure to record when no budget is given (default: perplexity for a causal LM
+        compiled with scores=True, next-token agreement (top1) for one without, cosine
+        otherwise).
     exclude: glob patterns of weight names to keep in float32.
     held_out: fraction of the calibration samples kept aside for the final figure.
     smooth_alpha: w8a8: SmoothQuant's migration strength, from 0 (the weights' range decides)
@@ -213,11 +214,11 @@ class Quantize(GraftPass):
                 raise GraftError(f"quantize budget {self.budget} needs calibration data "
                                  "(calibration= / --calibration) to measure against")
             return {"summary": {"accuracy": "not measured (no calibration data)"}}
-        language_model = "prefill" in state.signatures
-        function = "score" if "score" in state.signatures else (
-            "main" if "main" in state.signatures else next(iter(state.signatures)))
-        metric = self.budget.metric if self.budget else (
-            self.metric or ("perplexity" if language_model else "cosine"))
+        # a language model without `score`: next-token agreement on prefill's last logits
+        function = next(f for f in ("score", "main", "prefill", *state.signatures)
+                        if f in state.signatures)
+        metric = self.budget.metric if self.budget else (self.metric or {
+            "score": "perplexity", "prefill": "top1"}.get(function, "cosine"))
         if metric == "perplexity" and function != "score":
             raise GraftError("quantize: perplexity is measured on the `score` function (logits "
                              "of every position): compile the language model with scores=True "
