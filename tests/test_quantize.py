@@ -257,6 +257,8 @@ def test_bad_options_are_refused():
         P.Quantize("int4", budget="accuracy>0.9")
     with pytest.raises(GraftError, match="bounded from above"):
         P.Quantize("int4", budget="perplexity>=1.05")
+    with pytest.raises(GraftError, match="between 0 and 1"):
+        P.Quantize("int4", budget="top1>=1.2")
     with pytest.raises(GraftError, match="needs calibration data"):
         graft.compile(MLP().eval(), (torch.randn(1, 64),),
                       passes=[P.Quantize("int4", budget="cosine>=0.99")])

@@ -41,6 +41,11 @@ class Budget:
         if (op == ">=") != higher_better:
             raise GraftError(f"accuracy budget {text!r}: {self.metric} is bounded "
                              f"{'from below (>=)' if higher_better else 'from above (<=)'}")
+        if higher_better and not 0 < self.bound <= 1:
+            raise GraftError(f"accuracy budget {text!r}: {self.metric} lies between 0 and 1")
+        if not higher_better and self.bound < 1:
+            raise GraftError(f"accuracy budget {text!r}: a perplexity ratio below 1 would ask "
+                             "the quantized model to beat the original")
 
     def holds(self, value: float) -> bool:
         higher_better = METRICS[self.metric][1]
