@@ -46,10 +46,13 @@ def quantize_weight(w: np.ndarray, smooth: np.ndarray):
     return np.clip(np.rint(scaled / step[:, None]), -127, 127).astype(np.int8), step
 
 
-def output_error(x_rows, x_max, weights: list, alpha: float) -> float:
+def output_error(x_rows, x_max, weights: list, alpha: float, dynamic: bool) -> float:
     """Relative squared error of x @ W.T over the group's weights, quantized with `alpha`."""
     smooth, step = smoothing(x_max, weights, alpha)
-    xq = np.clip(np.rint(x_rows / smooth / step), -128, 127) * step
+    smoothed = x_rows / smooth
+    if dynamic:  # each row its own step
+        step = np.maximum(np.abs(smoothed).max(axis=1, keepdims=True) / 127.0, 1e-12)
+    xq = np.clip(np.rint(smoothed / step), -128, 127) * step
     err, norm = 0.0, 0.0
     for w in weights:
         q, w_step = quantize_weight(w, smooth)
@@ -80,7 +83,7 @@ def quantize_w8a8(state, layers: list, reads: dict, samples: list, alpha, kept: 
         x_max = np.maximum(x_max.astype(np.float64), 1e-8)
         weights = [state.params[n] for n in names]
         if alpha == "auto":  # the strength that keeps this input's products closest
-            chosen = min(ALPHAS, key=lambda a: output_error(x_rows, x_max, weights, a))
+            chosen = min(ALPHAS, key=lambda a: output_error(x_rows, x_max, weights, a, dynamic))
         else:
             chosen = alpha
         smooth, step = smoothing(x_max, weights, chosen)
