@@ -27,6 +27,12 @@ class _ReadPacked(relax.PyExprMutator):
         self.new_params: dict = {}  # name -> [Var per role], this function's
         self.kernels: dict = {}   # (kind, key) -> GlobalVar
 
+    def start(self, weights: dict) -> None:
+        self.weights, self.new_params = weights, {}
+
+    def added(self) -> list:
+        return [var for vars_ in self.new_params.values() for var in vars_]
+
     def packed_of(self, expr):
         if isinstance(expr, relax.Var) and expr in self.weights and \
                 self.weights[expr] in self.packed:
@@ -79,27 +85,37 @@ class _ReadPacked(relax.PyExprMutator):
         return relax.op.reshape(rows, [*ids_shape, packed.k])
 
 
+def rewrite_functions(state, mutator, array_of) -> None:
+    """Run `mutator` over every function of `state`. Per function, `mutator.start(weights)`
+    resets it and `mutator.added()` lists the parameters it created; they are appended to the
+    function and its signature, each with its array `array_of(name)`. Parameters nothing reads
+    any more are dropped."""
+    updated, arrays = {}, {}
+    for fname, signature in state.signatures.items():
+        func = state.mod[fname]
+        mutator.start(function_weights(func, signature))
+        body = mutator.visit_expr(func.body)
+        added = mutator.added()
+        updated[fname] = relax.Function(list(func.params) + added, body, func.ret_ty,
+                                        func.is_pure, func.attrs, func.span)
+        signature.params = list(signature.params) + [v.name for v in added]
+        arrays.update({v.name: array_of(v.name) for v in added})
+    mod = mutator.builder_.get()
+    for fname, func in updated.items():
+        mod[mod.get_global_var(fname)] = func
+    state.mod = relax.transform.DeadCodeElimination()(relax.transform.Normalize()(mod))
+    state.params.update(arrays)
+    drop_unused_params(state)
+
+
 def rewrite(state, packed: dict, reads: dict) -> None:
     """Rewrite every function of `state` to read the weights in `packed` ({name:
     PackedWeight}) through expansion kernels; the packed arrays become parameters."""
     if not packed:
         return
-    mutator = _ReadPacked(state.mod, packed)
-    updated = {}
-    for fname, signature in state.signatures.items():
-        func = state.mod[fname]
-        mutator.weights = function_weights(func, signature)
-        mutator.new_params = {}
-        body = mutator.visit_expr(func.body)
-        added = [var for vars_ in mutator.new_params.values() for var in vars_]
-        updated[fname] = relax.Function(list(func.params) + added, body, func.ret_ty,
-                                        func.is_pure, func.attrs, func.span)
-        signature.params = list(signature.params) + [v.name for v in added]
-    mod = mutator.builder_.get()
-    for fname, func in updated.items():
-        mod[mod.get_global_var(fname)] = func
-    state.mod = relax.transform.Normalize()(mod)
-    for name, weight in packed.items():
-        for role in weight.roles():
-            state.params[f"{name}.{role}"] = weight.arrays[role]
-    drop_unused_params(state)
+
+    def array_of(param: str):
+        name, role = param.rsplit(".", 1)
+        return packed[name].arrays[role]
+
+    rewrite_functions(state, _ReadPacked(state.mod, packed), array_of)

@@ -21,10 +21,10 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from graft.ir.weights import MATMUL, PERMUTE, drop_unused_params, function_weights
+from graft.ir.weights import MATMUL, PERMUTE, function_weights
 from graft.passes.quantize import int8_kernels as K
 from graft.passes.quantize.activations import collect_activations, linear_inputs
-from graft.runtime.errors import GraftError
+from graft.passes.quantize.rewrite import rewrite_functions
 
 ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
 
@@ -131,6 +131,12 @@ class _W8A8(relax.PyExprMutator):
             self.kernels[key] = self.builder_.add_func(make(), label)
         return self.kernels[key]
 
+    def start(self, weights: dict) -> None:
+        self.weights, self.params, self.quantized = weights, {}, {}
+
+    def added(self) -> list:
+        return list(self.params.values())
+
     def quantize_input(self, x, shape, rows: int, k: int, entry: dict):
         """(uint8 x, per-row steps or None), emitted once per input."""
         flat = self.builder_.emit(relax.op.reshape(x, [rows, k])) if len(shape) != 2 else x
@@ -192,27 +198,8 @@ class _W8A8(relax.PyExprMutator):
 
 
 def _rewrite(state, plan: dict, vnni: bool, kept: dict, dynamic: bool) -> None:
-    mutator = _W8A8(state.mod, plan, vnni, kept, dynamic)
-    updated = {}
-    arrays = {}
-    for fname, signature in state.signatures.items():
-        func = state.mod[fname]
-        mutator.weights = function_weights(func, signature)
-        mutator.params, mutator.quantized = {}, {}
-        body = mutator.visit_expr(func.body)
-        added = list(mutator.params.values())
-        updated[fname] = relax.Function(list(func.params) + added, body, func.ret_ty,
-                                        func.is_pure, func.attrs, func.span)
-        signature.params = list(signature.params) + [v.name for v in added]
-        for var in added:
-            base, role = var.name.rsplit(".", 1)
-            arrays[var.name] = plan[base][role] if base in plan else None
-    mod = mutator.builder_.get()
-    for fname, func in updated.items():
-        mod[mod.get_global_var(fname)] = func
-    state.mod = relax.transform.DeadCodeElimination()(relax.transform.Normalize()(mod))
-    for name, array in arrays.items():
-        if array is None:
-            raise GraftError(f"w8a8: no array for parameter {name}")
-        state.params[name] = array
-    drop_unused_params(state)
+    def array_of(param: str):
+        name, role = param.rsplit(".", 1)
+        return plan[name][role]
+
+    rewrite_functions(state, _W8A8(state.mod, plan, vnni, kept, dynamic), array_of)
