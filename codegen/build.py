@@ -14,6 +14,7 @@ from graft.codegen import cpu
 from graft.codegen.rewrites.clipped_take import legalize_take
 from graft.codegen.rewrites.fast_gelu import FAST_LEGALIZATIONS
 from graft.codegen.rewrites.fuse_dequantize import FuseDequantizeGEMV
+from graft.codegen.rewrites.grouped_attention import GroupedQueryAttention
 from graft.codegen.rewrites.quantized_gemv import QuantizedGEMVKernel
 from graft.codegen.rewrites.matmul_broadcast import MatmulBroadcastWeight
 from graft.codegen.rewrites.prepack_weights import PrepackWeights
@@ -35,6 +36,10 @@ def lowering_entries(target: tvm.target.Target) -> list[Entry]:
     return [
         # matmul(x, broadcast_to(W)) reads W directly instead of a batch of copies
         entry("matmul_broadcast_weight", MatmulBroadcastWeight()),
+        # grouped-query attention reads each key/value head once, not once per query head
+        # (CPU only: dlight's CUDA rules give the grouped product, whose row count is
+        # symbolic, a stack array of symbolic size, which CUDA codegen refuses)
+        *([entry("grouped_query_attention", GroupedQueryAttention())] if on_cpu else []),
         # CPU kernels want weights as [K, N]: transpose them once, here, not at every call
         *([entry("prepack_weights", PrepackWeights())] if on_cpu else []),
         # x @ W.T as one kernel: otherwise every call transposes every weight first

@@ -6,7 +6,9 @@ import tvm
 from tvm import relax
 from tvm.script import ir as I
 from tvm.script import relax as R
+from tvm.script import tirx as T
 
+from graft.codegen.rewrites.grouped_attention import GroupedQueryAttention
 from graft.codegen.rewrites.matmul_broadcast import MatmulBroadcastWeight
 from graft.codegen.rewrites.prepack_weights import PrepackWeights
 from graft.frontend.imported import FunctionSignature
@@ -50,6 +52,82 @@ def test_broadcast_that_adds_batch_rows_is_kept():
             return y
 
     tvm.ir.assert_structural_equal(MatmulBroadcastWeight()(Before), Before)
+
+
+@I.ir_module
+class RepeatedKV:
+    """transformers' attention with 2 kv heads shared by 6 query heads (repeat_kv), T queries."""
+    @R.function
+    def main(q: R.Tensor((1, 6, "t", 8), "float32"), k: R.Tensor((1, 2, "s", 8), "float32"),
+             v: R.Tensor((1, 2, "s", 8), "float32")):
+        t, s = T.int64(), T.int64()
+        with R.dataflow():
+            ke = R.expand_dims(k, axis=[2])
+            kb = R.broadcast_to(ke, R.shape([1, 2, 3, s, 8]))
+            kr = R.reshape(kb, R.shape([1, 6, s, 8]))
+            kt = R.permute_dims(kr, axes=[0, 1, 3, 2])
+            scores = R.matmul(q, kt)
+            p = R.nn.softmax(scores, axis=-1)
+            ve = R.expand_dims(v, axis=[2])
+            vb = R.broadcast_to(ve, R.shape([1, 2, 3, s, 8]))
+            vr = R.reshape(vb, R.shape([1, 6, s, 8]))
+            out = R.matmul(p, vr)
+            R.output(out)
+        return out
+
+
+def test_grouped_query_attention_reads_each_kv_head_once():
+    @I.ir_module
+    class Expected:
+        @R.function
+        def main(q: R.Tensor((1, 6, "t", 8), "float32"), k: R.Tensor((1, 2, "s", 8), "float32"),
+                 v: R.Tensor((1, 2, "s", 8), "float32")):
+            t, s = T.int64(), T.int64()
+            with R.dataflow():
+                qg = R.reshape(q, R.shape([1, 2, t * 3, 8]))
+                kt = R.permute_dims(k, axes=[0, 1, 3, 2])
+                sg = R.matmul(qg, kt)
+                scores = R.reshape(sg, R.shape([1, 6, t, s]))
+                p = R.nn.softmax(scores, axis=-1)
+                pg = R.reshape(p, R.shape([1, 2, t * 3, s]))
+                og = R.matmul(pg, v)
+                out = R.reshape(og, R.shape([1, 6, t, 8]))
+                R.output(out)
+            return out
+
+    tvm.ir.assert_structural_equal(GroupedQueryAttention()(RepeatedKV), Expected)
+
+
+def test_grouped_query_attention_computes_the_repeated_product():
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal(shape).astype("float32")
+               for shape in ((1, 6, 5, 8), (1, 2, 7, 8), (1, 2, 7, 8)))
+    kr, vr = np.repeat(k, 3, axis=1), np.repeat(v, 3, axis=1)  # query head h reads kv head h // 3
+    scores = q @ kr.transpose(0, 1, 3, 2)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    expected = (p / p.sum(-1, keepdims=True)) @ vr
+    lib = tvm.compile(GroupedQueryAttention()(RepeatedKV), target="llvm")
+    vm = relax.VirtualMachine(lib, tvm.cpu())
+    got = vm["main"](*(tvm.runtime.tensor(a) for a in (q, k, v))).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_broadcast_other_than_repeat_kv_is_kept():
+    """The broadcast repeats along a new axis after the sequence: not a kv-head repeat."""
+    @I.ir_module
+    class Before:
+        @R.function
+        def main(q: R.Tensor((1, 6, 4, 8), "float32"), k: R.Tensor((1, 2, 4, 8), "float32")):
+            with R.dataflow():
+                ke = R.expand_dims(k, axis=[3])
+                kb = R.broadcast_to(ke, R.shape([1, 2, 4, 3, 8]))
+                kr = R.reshape(kb, R.shape([1, 6, 4, 8]))
+                kt = R.permute_dims(kr, axes=[0, 1, 3, 2])
+                scores = R.matmul(q, kt)
+                R.output(scores)
+            return scores
+
+    tvm.ir.assert_structural_equal(GroupedQueryAttention()(Before), Before)
 
 
 def _state(mod, weights):

@@ -22,7 +22,9 @@ from graft.runtime.errors import GraftError
 
 def reference_quantize(w, scheme, group=32, symmetric=False):
     """Element by element, the float weight each format stands for, and the largest error
-    rounding may make per element (half a step)."""
+    rounding may make per element (half a step; int4 may clip, see `minmax_int4_error`).
+    int4 takes each group's scale and offset from the packed weight (chosen by a search there)
+    and rounds to the nearest of its 16 levels here."""
     n, k = w.shape
     out, bound = np.empty_like(w), np.empty_like(w)
     if scheme == "fp16":  # round to nearest with 10 mantissa bits
@@ -35,18 +37,57 @@ def reference_quantize(w, scheme, group=32, symmetric=False):
             out[row] = np.round(w[row] / step) * step
             bound[row] = step / 2
         return out, bound
+    scales, offsets = stored_group_parameters(formats.quantize(w, "int4", group, symmetric))
     for row in range(n):
         for start in range(0, k, group):
             g = w[row, start:start + group]
+            step, low = scales[row, start // group], offsets[row, start // group]
             if symmetric:
-                step = np.abs(g).max() / 7
-                q = np.clip(np.round(g / step), -8, 7)
-                out[row, start:start + group] = q * step
+                out[row, start:start + group] = np.clip(np.round(g / step), -8, 7) * step
             else:
-                step = (g.max() - g.min()) / 15
-                out[row, start:start + group] = np.round((g - g.min()) / step) * step + g.min()
+                out[row, start:start + group] = np.clip(np.round((g - low) / step), 0, 15) \
+                    * step + low
             bound[row, start:start + group] = step / 2
     return out, bound
+
+
+def stored_group_parameters(packed):
+    """Each group's scale and offset [N, K/G] as float32, read from the documented layout
+    (float16 [N/64, K/G, 64]); offsets are zero when symmetric."""
+    def per_row(a):
+        return a.astype(np.float32).transpose(0, 2, 1).reshape(packed.n, -1)
+    scale = per_row(packed.arrays["scale"])
+    return scale, per_row(packed.arrays["offset"]) if "offset" in packed.arrays else 0 * scale
+
+
+def int4_error_weights(w, group, importance=None):
+    """The weight of each element's squared error that int4's fit minimises (formats'
+    docstring): its input channel's importance, relative to the mean, times (the group's RMS
+    plus |w|)."""
+    n, k = w.shape
+    channels = np.ones(k) if importance is None else importance / importance.mean()
+    g = w.astype(np.float64).reshape(n, k // group, group)
+    rms = np.sqrt(np.square(g).mean(axis=2, keepdims=True))
+    return (channels.reshape(1, k // group, group) * (rms + np.abs(g))).reshape(n, k)
+
+
+def minmax_int4_error(w, group, symmetric, weights):
+    """Weighted squared error per group [N, K/G] of plain int4 rounding: the group's range (or
+    largest magnitude) split into 15 (or 7) equal steps, nothing clipped."""
+    n, k = w.shape
+    errors = np.empty((n, k // group))
+    for row in range(n):
+        for start in range(0, k, group):
+            g = w[row, start:start + group].astype(np.float64)
+            if symmetric:
+                step = np.abs(g).max() / 7
+                rounded = np.clip(np.round(g / step), -8, 7) * step
+            else:
+                step = (g.max() - g.min()) / 15
+                rounded = np.round((g - g.min()) / step) * step + g.min()
+            errors[row, start // group] = (weights[row, start:start + group] *
+                                           np.square(rounded - g)).sum()
+    return errors
 
 
 FORMATS = [("int8", 32, False), ("int4", 32, False), ("int4", 64, True), ("int4", 128, False),
@@ -59,10 +100,32 @@ def test_packed_format_stands_for_the_reference_rounding(scheme, group, symmetri
     packed = formats.quantize(w, scheme, group, symmetric)
     expected, bound = reference_quantize(w, scheme, group, symmetric)
     got = formats.dequantize(packed)
-    assert np.all(np.abs(got - w) <= bound * 1.0001 + 1e-7)
     assert np.allclose(got, expected, atol=1e-5)
+    if scheme == "int4":  # each group's levels fit it at least as well as its plain range does
+        weights = int4_error_weights(w, group)
+        errors = (weights * np.square(got - w)).reshape(w.shape[0], -1, group).sum(2)
+        plain = minmax_int4_error(w, group, symmetric, weights)
+        assert np.all(errors <= plain * 1.001 + 1e-9)
+        assert errors.sum() < 0.95 * plain.sum()
+    else:
+        assert np.all(np.abs(got - w) <= bound * 1.0001 + 1e-7)
     bits = {"int8": 8, "int4": 4, "fp16": 16}[scheme]
     assert packed.arrays["q"].nbytes == w.size * bits // 8
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int4_keeps_important_input_channels_closer(symmetric):
+    w = np.random.default_rng(4).standard_normal((64, 128)).astype(np.float32)
+    busy = np.zeros(128, bool)
+    busy[::8] = True
+    importance = np.where(busy, 100.0, 1.0)
+    plain = formats.dequantize(formats.quantize(w, "int4", 32, symmetric))
+    weighted = formats.dequantize(formats.quantize(w, "int4", 32, symmetric, importance))
+    def error(rounded, channels):
+        return np.square(rounded - w)[:, channels].mean()
+    assert error(weighted, busy) < 0.8 * error(plain, busy)
+    weights = int4_error_weights(w, 32, importance)
+    assert (weights * np.square(weighted - w)).sum() < (weights * np.square(plain - w)).sum()
 
 
 @pytest.mark.parametrize("scheme,group,symmetric", FORMATS)

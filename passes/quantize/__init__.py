@@ -119,10 +119,13 @@ class Quantize(GraftPass):
                              "matmul(x, permute_dims(W)) or matmul(x, W))")
         if self.scheme == "w8a8":
             return self._run_w8a8(state, layers, reads, kept)
+        inputs = self._input_statistics(state, layers) if state.calibration and (
+            self.scheme == "int4" or self.budget is not None) else {}
         packed: dict[str, dict[str, formats.PackedWeight]] = {}
         with progress.step(f"quantizing {len(layers)} weights to {self.scheme}"):
             for name in layers:
-                packed[name] = self._pack_all(_as_nk(state.params[name], reads[name]))
+                packed[name] = self._pack_all(_as_nk(state.params[name], reads[name]),
+                                              inputs[name][1] if name in inputs else None)
         precision, why = {}, {}
         for name in layers:
             options = [p for p in (self.scheme, self.fallback) if p in packed[name]]
@@ -132,7 +135,7 @@ class Quantize(GraftPass):
                     state.params[name], reads[name]).shape, self.group_size)
             if not options:
                 kept[name] = why[name]
-        measured = self._measure_and_search(state, reads, packed, precision)
+        measured = self._measure_and_search(state, reads, packed, precision, inputs)
         errors = {name: _relative_error(packed[name][precision[name]],
                                         _as_nk(state.params[name], reads[name]))
                   for name in layers if precision[name] != "fp32"}
@@ -198,15 +201,44 @@ class Quantize(GraftPass):
                 "layers": {name: report.get(name, {"precision": "fp32"}) for name in layers},
                 "kept_float32": kept}
 
-    def _pack_all(self, w_nk: np.ndarray) -> dict:
-        """The weight [N, K] packed at every precision it may end up in."""
+    def _pack_all(self, w_nk: np.ndarray, importance: np.ndarray | None) -> dict:
+        """The weight [N, K] packed at every precision it may end up in (int4 weighs its
+        rounding error by `importance`, the mean square of each input channel)."""
         n, k = w_nk.shape
-        return {scheme: formats.quantize(w_nk, scheme, self.group_size, self.symmetric)
+        return {scheme: formats.quantize(w_nk, scheme, self.group_size, self.symmetric,
+                                         importance if scheme == "int4" else None)
                 for scheme in (self.scheme, self.fallback)
                 if scheme != "fp32" and formats.can_pack(scheme, n, k, self.group_size) is None}
 
+    def _input_statistics(self, state: CompileState, layers: list) -> dict:
+        """name -> (calibration rows of the layer's input, mean square per input channel),
+        from one run of the measured function on the calibration samples it searches on."""
+        function = _measured_function(state)
+        func = state.mod[function]
+        groups: dict = {}
+        for x, name, _ in linear_inputs(func, function_weights(func, state.signatures[function]),
+                                        set(layers)):
+            groups.setdefault(x, []).append(name)
+        search_samples, _ = self._split(state.calibration)
+        found = collect_activations(state, function, list(groups.items()), search_samples,
+                                    rows_kept=SENSITIVITY_ROWS)
+        stats: dict = {}
+        for names, (_, rows, mean_square) in zip(groups.values(), found):
+            for name in names:  # a weight read by several products: their inputs together
+                if name in stats:
+                    rows, mean_square = np.concatenate([stats[name][0], rows]), \
+                        (stats[name][1] + mean_square) / 2
+                stats[name] = (rows, mean_square)
+        return stats
+
+    def _split(self, calibration) -> tuple[list, list]:
+        """The calibration samples the search uses, and those held out for the final figure."""
+        samples = list(calibration)
+        held = max(1, int(round(len(samples) * self.held_out))) if len(samples) > 1 else 0
+        return samples[:len(samples) - held], samples[len(samples) - held:]
+
     def _measure_and_search(self, state: CompileState, reads: dict, packed: dict,
-                            precision: dict) -> dict:
+                            precision: dict, inputs: dict) -> dict:
         """Measure on calibration data; with a budget, raise layers to the fallback precision,
         most sensitive first, until it holds. Changes `precision` in place."""
         if not state.calibration:
@@ -214,18 +246,14 @@ class Quantize(GraftPass):
                 raise GraftError(f"quantize budget {self.budget} needs calibration data "
                                  "(calibration= / --calibration) to measure against")
             return {"summary": {"accuracy": "not measured (no calibration data)"}}
-        # a language model without `score`: next-token agreement on prefill's last logits
-        function = next(f for f in ("score", "main", "prefill", *state.signatures)
-                        if f in state.signatures)
+        function = _measured_function(state)
         metric = self.budget.metric if self.budget else (self.metric or {
             "score": "perplexity", "prefill": "top1"}.get(function, "cosine"))
         if metric == "perplexity" and function != "score":
             raise GraftError("quantize: perplexity is measured on the `score` function (logits "
                              "of every position): compile the language model with scores=True "
                              "(--scores), or use another metric")
-        samples = list(state.calibration)
-        held = max(1, int(round(len(samples) * self.held_out))) if len(samples) > 1 else 0
-        search_samples, held_out = samples[:len(samples) - held], samples[len(samples) - held:]
+        search_samples, held_out = self._split(state.calibration)
         sets = {"search": search_samples, **({"held_out": held_out} if held_out else {})}
         evaluator = Evaluator(state, function, sets)
         layers = [name for name in precision if precision[name] != "fp32"]
@@ -246,8 +274,8 @@ class Quantize(GraftPass):
         if self.budget is not None:
             full = evaluator.measure(metric, weights_for(precision), "search")
             if not self.budget.holds(full):
-                order = self._sensitivity(state, function, search_samples, layers,
-                                          precision, packed, reads, per_layer)
+                order = self._sensitivity(state, layers, precision, packed, reads, inputs,
+                                          per_layer)
                 raise_count = self._search(evaluator, metric, order, precision, weights_for,
                                            full)
                 for name in order[:raise_count]:
@@ -270,30 +298,21 @@ class Quantize(GraftPass):
                                  f"({value:.4f}); give more calibration data, or a looser budget")
         return {"summary": summary, **per_layer}
 
-    def _sensitivity(self, state, function, samples, layers, precision, packed, reads,
-                     per_layer) -> list:
+    def _sensitivity(self, state, layers, precision, packed, reads, inputs, per_layer) -> list:
         """Layers by the error their quantization alone adds to their own output on the
         calibration inputs (relative, squared), most first. Local rather than end to end:
         one run of the model instead of one per layer (SmolLM2: 211 layers)."""
-        func = state.mod[function]
-        weights = function_weights(func, state.signatures[function])
-        lows = [name for name in layers if precision[name] == self.scheme]
-        groups: dict = {}
-        for x, name, _ in linear_inputs(func, weights, set(lows)):
-            groups.setdefault(x, []).append(name)
         losses = {}
-        activations = collect_activations(state, function, list(groups.items()), samples,
-                                          rows_kept=SENSITIVITY_ROWS)
-        for i, ((_, names), (_, rows)) in enumerate(zip(groups.items(), activations)):
-            progress.count("measuring layer sensitivity", i, len(groups))
-            for name in names:
-                w = _as_nk(state.params[name], reads[name])
-                error = rows @ (formats.dequantize(packed[name][self.scheme]) - w).T
-                exact = rows @ w.T
-                losses[name] = max(losses.get(name, 0.0), float(
-                    np.square(error, dtype=np.float64).sum() /
-                    max(np.square(exact, dtype=np.float64).sum(), 1e-30)))
-        progress.count("measuring layer sensitivity", len(groups), len(groups))
+        lows = [name for name in layers if precision[name] == self.scheme and name in inputs]
+        for i, name in enumerate(lows):
+            progress.count("measuring layer sensitivity", i, len(lows))
+            rows = inputs[name][0]
+            w = _as_nk(state.params[name], reads[name])
+            error = rows @ (formats.dequantize(packed[name][self.scheme]) - w).T
+            exact = rows @ w.T
+            losses[name] = float(np.square(error, dtype=np.float64).sum() /
+                                 max(np.square(exact, dtype=np.float64).sum(), 1e-30))
+        progress.count("measuring layer sensitivity", len(lows), len(lows))
         for name, value in losses.items():
             per_layer[name] = {"sensitivity": float(f"{value:.4g}")}
         return sorted(losses, key=lambda n: -losses[n])
@@ -323,6 +342,14 @@ class Quantize(GraftPass):
                 else:
                     low = mid + 1
         return low
+
+
+def _measured_function(state: CompileState) -> str:
+    """The function accuracy is measured on: `score` (a language model's logits at every
+    position), else `main`; a language model without `score` is measured on prefill's last
+    logits (next-token agreement)."""
+    return next(f for f in ("score", "main", "prefill", *state.signatures)
+                if f in state.signatures)
 
 
 def _as_nk(weight: np.ndarray, read) -> np.ndarray:

@@ -62,7 +62,7 @@ def with_taps(func: relax.Function, taps: list) -> relax.Function:
 def collect_activations(state, function: str, groups: list, samples: list,
                         rows_kept: int = ROWS_KEPT) -> list:
     """For each (x, ...) of `groups`: (max |x| per input channel over the calibration samples,
-    up to ROWS_KEPT rows of x)."""
+    up to `rows_kept` rows of x, mean x^2 per input channel)."""
     from graft.passes.pipeline import CompileState
     from graft.passes.quantize.evaluate import Evaluator
 
@@ -72,6 +72,7 @@ def collect_activations(state, function: str, groups: list, samples: list,
     sub = CompileState(tapped, state.params, state.signatures, target=state.target)
     evaluator = Evaluator(sub, function, {"calibration": samples}, reference=False)
     maxima, rows = [None] * len(groups), [[] for _ in groups]
+    squares, counts = [0.0] * len(groups), [0] * len(groups)
     gen = np.random.default_rng(0)
     with progress.step(f"collecting activation ranges on {len(samples)} samples"):
         for outputs in evaluator.run({}, "calibration"):
@@ -80,6 +81,9 @@ def collect_activations(state, function: str, groups: list, samples: list,
                 flat = x.reshape(-1, x.shape[-1])
                 m = np.abs(flat).max(axis=0)
                 maxima[i] = m if maxima[i] is None else np.maximum(maxima[i], m)
+                squares[i] = squares[i] + np.square(flat, dtype=np.float64).sum(axis=0)
+                counts[i] += len(flat)
                 take = min(len(flat), max(rows_kept // len(samples), 1))
                 rows[i].append(flat[gen.choice(len(flat), take, replace=False)])
-    return [(m, np.concatenate(r)) for m, r in zip(maxima, rows)]
+    return [(m, np.concatenate(r), (sq / max(c, 1)).astype(np.float32))
+            for m, r, sq, c in zip(maxima, rows, squares, counts)]

@@ -10,9 +10,13 @@ row of K is a vector of outputs:
 - int4, group-wise along K (the reduction axis), two values per byte: `q` uint8
   [N/64, K, 32] (tiles of 64 output columns, each contiguous over all of K, so a task that
   owns a tile streams one run of memory; row by row, [K, N/2] costs a new page per row),
-  `scale` float32 [K/G, N] and, unless symmetric, `offset` float32 [K/G, N];
+  `scale` float16 [N/64, K/G, 64] and, unless symmetric, `offset` float16 [N/64, K/G, 64]
+  (tile-major like `q`, so a task reads its groups' scales from one run of memory; half
+  precision, as GGUF's Q4_1 stores them, so they add 1/8 byte per weight instead of 1/4);
   w = q4 * scale + offset (asymmetric, q4 in 0..15; an offset per group is a zero point kept in
-  float, as GGUF's Q4_1 does) or w = (q4 - 8) * scale (symmetric).
+  float) or w = (q4 - 8) * scale (symmetric). Each group's scale and offset minimise its
+  weighted squared rounding error (a search over ranges, each refitted by least squares, as
+  llama.cpp's k-quants do; see `_int4_groups`), not just its min and max.
   Nibble order, per block of 32 columns: byte i of the block holds column i in its low nibble
   and column 16 + i in its high one, so 16 bytes expand into two whole vectors of 16 outputs
   with one shift each (interleaved pairs measured 7x slower to expand).
@@ -71,9 +75,9 @@ class PackedWeight:
             return {"q": ((k, n), "float16")}
         if self.scheme == "int8":
             return {"q": ((k, n), "int8"), "scale": ((n,), "float32")}
-        groups = {"scale": ((k // self.group, n), "float32")}
+        groups = {"scale": ((n // COLUMN_TILE, k // self.group, COLUMN_TILE), "float16")}
         if not self.symmetric:
-            groups["offset"] = ((k // self.group, n), "float32")
+            groups["offset"] = groups["scale"]
         return {"q": ((n // COLUMN_TILE, k, COLUMN_TILE // 2), "uint8"), **groups}
 
 
@@ -87,9 +91,11 @@ def can_pack(scheme: str, n: int, k: int, group: int) -> str | None:
     return None
 
 
-def quantize(weight_nk: np.ndarray, scheme: str, group: int = 32,
-             symmetric: bool = False) -> PackedWeight:
-    """Quantize a float weight W [N, K] (torch's Linear layout) into a packed format."""
+def quantize(weight_nk: np.ndarray, scheme: str, group: int = 32, symmetric: bool = False,
+             importance: np.ndarray | None = None) -> PackedWeight:
+    """Quantize a float weight W [N, K] (torch's Linear layout) into a packed format.
+    `importance` [K]: int4 only, how much each input channel matters (the mean square of the
+    layer's input on calibration data); errors on busy channels are weighted up."""
     w = np.asarray(weight_nk, dtype=np.float32)
     n, k = w.shape
     if scheme == "fp16":
@@ -103,27 +109,110 @@ def quantize(weight_nk: np.ndarray, scheme: str, group: int = 32,
                                                     "scale": scale})
     if scheme != "int4":
         raise ValueError(f"unknown scheme {scheme!r}")
-    groups = w.reshape(n, k // group, group)
-    if symmetric:
-        scale = np.abs(groups).max(axis=2) / 7.0
-        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-        q = np.clip(np.rint(groups / scale[..., None]), -8, 7) + 8
-        offset = None
-    else:
-        low, high = groups.min(axis=2), groups.max(axis=2)
-        scale = ((high - low) / 15.0).astype(np.float32)
-        scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-        offset = low.astype(np.float32)
-        q = np.clip(np.rint((groups - offset[..., None]) / scale[..., None]), 0, 15)
-    q = q.reshape(n, k).astype(np.uint8).T  # [K, N]
+    if not np.all(np.abs(w) < 60000):
+        raise ValueError(f"int4 stores scales in float16: weight values up to "
+                         f"{np.abs(w).max():.4g} are out of its range (|w| < 60000)")
+    channels = np.ones(k, np.float32) if importance is None else \
+        np.asarray(importance, np.float32).reshape(k)
+    channels = (channels / max(float(channels.mean()), 1e-30)).reshape(1, k // group, group)
+    q, scale, offset = np.empty((n, k), np.uint8), np.empty((n, k // group), np.float16), \
+        np.empty((n, k // group), np.float16)
+    for rows in range(0, n, ROWS_PER_CHUNK):
+        q[rows:rows + ROWS_PER_CHUNK], scale[rows:rows + ROWS_PER_CHUNK], \
+            offset[rows:rows + ROWS_PER_CHUNK] = _int4_groups(
+                w[rows:rows + ROWS_PER_CHUNK].reshape(-1, k // group, group), symmetric, channels)
+    q = q.T  # [K, N]
     blocks = q.reshape(k, n // NIBBLE_BLOCK, 2, NIBBLE_BLOCK // 2)
     packed = (blocks[:, :, 0, :] | (blocks[:, :, 1, :] << 4)).reshape(k, n // COLUMN_TILE,
                                                                        COLUMN_TILE // 2)
     packed = packed.transpose(1, 0, 2)  # [N / tile, K, tile / 2]
-    arrays = {"q": np.ascontiguousarray(packed), "scale": np.ascontiguousarray(scale.T)}
-    if offset is not None:
-        arrays["offset"] = np.ascontiguousarray(offset.T)
+    arrays = {"q": np.ascontiguousarray(packed), "scale": _tile_major(scale)}
+    if not symmetric:
+        arrays["offset"] = _tile_major(offset)
     return PackedWeight("int4", k, n, group, symmetric, arrays)
+
+
+ROWS_PER_CHUNK = 128  # rows searched at once (keeps the search in cache)
+RANGE_TRIES = np.linspace(-1, 1, 9, dtype=np.float32)  # a group's range spans 15 + t steps
+
+
+def _int4_groups(groups: np.ndarray, symmetric: bool, channel_importance: np.ndarray):
+    """Per group of `groups` [R, K/G, G]: the 4-bit values (0..15), and the float16 scale and
+    offset (zeros when symmetric) that minimise the weighted squared rounding error.
+
+    An element's weight is its input channel's importance (mean square activation, [K/G, G])
+    times (the group's RMS + |w|), llama.cpp's weighting: larger weights and busier inputs
+    are kept closer, since plain least squares clips the outliers a language model needs. Each
+    try spans the group's range with 15 + t steps, rounds, and refits the scale and offset
+    to the rounded values by weighted least squares; the best fit is stored in float16, and
+    the values rounded once more to their nearest level under the stored pair."""
+    weight = channel_importance * (np.sqrt(np.square(groups).mean(axis=2, keepdims=True)) +
+                                   np.abs(groups))
+    sw = weight.sum(axis=2, keepdims=True)
+    swx = (weight * groups).sum(axis=2, keepdims=True)
+
+    def fit_and_keep(best, levels, fallback_scale, fallback_offset):
+        wl = weight * levels
+        sl, sll, slx = (wl.sum(axis=2, keepdims=True), (wl * levels).sum(axis=2, keepdims=True),
+                        (wl * groups).sum(axis=2, keepdims=True))
+        if symmetric:  # w = level * scale
+            fitted = sll > 0
+            scale = np.where(fitted, slx / np.where(fitted, sll, 1), fallback_scale)
+            offset = np.zeros_like(scale)
+        else:          # w = level * scale + offset
+            det = sw * sll - sl * sl
+            fitted = det > 0
+            scale = np.where(fitted, (sw * slx - sl * swx) / np.where(fitted, det, 1),
+                             fallback_scale)
+            offset = np.where(fitted, (swx - scale * sl) / np.where(sw > 0, sw, 1),
+                              fallback_offset)
+        error = (weight * np.square(levels * scale + offset - groups)).sum(axis=2, keepdims=True)
+        if best is None:
+            return error, scale, offset
+        better = error < best[0]
+        return tuple(np.where(better, new, old) for new, old in zip((error, scale, offset), best))
+
+    best = None
+    if symmetric:  # level = q4 - 8, in -8..7
+        peak = np.abs(groups).max(axis=2, keepdims=True)
+        peak = np.where(peak > 0, peak, 1.0)
+        for t in RANGE_TRIES:
+            levels = np.clip(np.rint(groups * ((7 + t / 2) / peak)), -8, 7)
+            best = fit_and_keep(best, levels, peak / 7, 0)
+        scale = _stored(best[1])
+        q = np.clip(np.rint(groups / scale), -8, 7) + 8
+        offset = np.zeros_like(scale)
+    else:
+        low = groups.min(axis=2, keepdims=True)
+        span = groups.max(axis=2, keepdims=True) - low
+        span = np.where(span > 0, span, 1.0)
+        for t in RANGE_TRIES:
+            levels = np.clip(np.rint((groups - low) * ((15 + t) / span)), 0, 15)
+            best = fit_and_keep(best, levels, span / 15, low)
+        scale, offset = _stored(best[1]), best[2].astype(np.float16).astype(np.float32)
+        q = np.clip(np.rint((groups - offset) / scale), 0, 15)
+    return q.astype(np.uint8).reshape(groups.shape[0], -1), \
+        scale[..., 0].astype(np.float16), offset[..., 0].astype(np.float16)
+
+
+def _stored(scale: np.ndarray) -> np.ndarray:
+    """A positive scale as float16 keeps it, back in float32 (a group whose values are all
+    equal, or a scale below float16's range, takes 1: its values round to the offset)."""
+    scale = np.abs(scale).astype(np.float16).astype(np.float32)
+    return np.where(scale > 0, scale, np.float32(1.0))
+
+
+def _tile_major(per_group: np.ndarray) -> np.ndarray:
+    """[N, K/G] -> [N/64, K/G, 64], the layout of `q` (see the module docstring)."""
+    n, groups = per_group.shape
+    return np.ascontiguousarray(per_group.reshape(n // COLUMN_TILE, COLUMN_TILE, groups)
+                                .transpose(0, 2, 1))
+
+
+def _row_major(tiled: np.ndarray) -> np.ndarray:
+    """[N/64, K/G, 64] -> [K/G, N] float32 (the inverse of `_tile_major`, transposed)."""
+    tiles, groups, width = tiled.shape
+    return tiled.transpose(1, 0, 2).reshape(groups, tiles * width).astype(np.float32)
 
 
 def dequantize(packed: PackedWeight) -> np.ndarray:
@@ -136,9 +225,9 @@ def dequantize(packed: PackedWeight) -> np.ndarray:
     k, n, g = packed.k, packed.n, packed.group
     blocks = a["q"].transpose(1, 0, 2).reshape(k, n // NIBBLE_BLOCK, 1, NIBBLE_BLOCK // 2)
     q = np.concatenate([blocks & 15, blocks >> 4], axis=2).reshape(k, n).astype(np.float32)
-    scale = np.repeat(a["scale"], g, axis=0)
+    scale = np.repeat(_row_major(a["scale"]), g, axis=0)
     if "offset" in a:
-        w = q * scale + np.repeat(a["offset"], g, axis=0)
+        w = q * scale + np.repeat(_row_major(a["offset"]), g, axis=0)
     else:
         w = (q - np.float32(8)) * scale
     return w.astype(np.float32).T.copy()
@@ -171,8 +260,13 @@ def _expand(packed: PackedWeight, operands: list, row, col):
     value = nibble.astype("float32")
     group = row // packed.group
     if "offset" in parts:
-        return value * scale[group, col] + parts["offset"][group, col]
-    return (value - tirx.const(8, "float32")) * scale[group, col]
+        return value * _per_group(scale, group, col) + _per_group(parts["offset"], group, col)
+    return (value - tirx.const(8, "float32")) * _per_group(scale, group, col)
+
+
+def _per_group(tiled, group, col):
+    """A group's scale or offset for output `col`, as float32."""
+    return tiled[col // COLUMN_TILE, group, col % COLUMN_TILE].astype("float32")
 
 
 def _nibble_address(q, row, col):
@@ -244,10 +338,12 @@ def gemv_func(packed: PackedWeight, x_shape: list[int]) -> tirx.PrimFunc:
     gr = te.reduce_axis((_i64(0), _i64(k // g)), name="gr")
     if "offset" in parts:
         def term(col):
-            return part[gr, col] * parts["scale"][gr, col] + xsum[gr] * parts["offset"][gr, col]
+            return part[gr, col] * _per_group(parts["scale"], gr, col) + \
+                xsum[gr] * _per_group(parts["offset"], gr, col)
     else:
         def term(col):
-            return (part[gr, col] - xsum[gr] * tirx.const(8, "float32")) * parts["scale"][gr, col]
+            return (part[gr, col] - xsum[gr] * tirx.const(8, "float32")) * \
+                _per_group(parts["scale"], gr, col)
     y = te.compute([*lead, _i64(n)], lambda *idx: te.sum(term(idx[-1]), axis=gr),
                    name="graft_gemv_sum")
     func = te.create_prim_func([x, *operands, y])

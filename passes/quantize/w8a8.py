@@ -79,7 +79,7 @@ def quantize_w8a8(state, layers: list, reads: dict, samples: list, alpha, kept: 
     activations = collect_activations(state, function, group_list, samples)
 
     plan, report = {}, {}
-    for (x, names), (x_max, x_rows) in zip(group_list, activations):
+    for (x, names), (x_max, x_rows, _) in zip(group_list, activations):
         x_max = np.maximum(x_max.astype(np.float64), 1e-8)
         weights = [state.params[n] for n in names]
         if alpha == "auto":  # the strength that keeps this input's products closest

@@ -1,0 +1,99 @@
+"""GroupedQueryAttention: attention with fewer key/value heads than query heads reads each
+key/value head once, instead of a copy per query head that shares it.
+
+transformers' `repeat_kv` widens K and V [B, Hkv, S, D] to [B, Hkv * R, S, D] before the
+products (expand_dims, broadcast_to, reshape), so every step copies the cache R times (SmolLM2:
+3x, every layer, every decode step). Query head h = g * R + r reads kv head g, so grouping the
+R query heads of a kv head as rows of one product gives the same result without the copy:
+
+    matmul(q, permute_dims(repeat(k), [0, 1, 3, 2]))      [B, H, T, S]
+      -> reshape(matmul(reshape(q, [B, Hkv, R * T, D]), permute_dims(k, [0, 1, 3, 2])),
+                 [B, H, T, S])
+    matmul(p, repeat(v))                                   [B, H, T, D]
+      -> reshape(matmul(reshape(p, [B, Hkv, R * T, S]), v), [B, H, T, D])
+
+The reshapes move no data (they become views).
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax, tirx
+from tvm.relax.dpl import is_op, rewrite_call, wildcard
+
+kv = wildcard()
+expanded = is_op("relax.expand_dims")(kv)
+widened = is_op("relax.broadcast_to")(expanded, wildcard())
+repeated = is_op("relax.reshape")(widened, wildcard())
+transposed = is_op("relax.permute_dims")(repeated)
+scores_lhs, context_lhs = wildcard(), wildcard()
+SCORES = is_op("relax.matmul")(scores_lhs, transposed)
+CONTEXT = is_op("relax.matmul")(context_lhs, repeated)
+
+
+def _dims(expr) -> list | None:
+    shape = getattr(getattr(expr, "ty", None), "shape", None)
+    return list(shape.values) if shape is not None and hasattr(shape, "values") else None
+
+
+def _same(a, b) -> bool:
+    return tvm.sym.Analyzer().can_prove_equal(a, b)
+
+
+def _repeat_count(matches: dict) -> int | None:
+    """R, when the matched reshape(broadcast_to(expand_dims(kv))) is transformers' repeat_kv:
+    kv [B, Hkv, S, D] -> [B, Hkv, R, S, D] -> [B, Hkv * R, S, D]."""
+    source = _dims(matches[kv])
+    expand = matches[expanded]
+    wide, flat = _dims(matches[widened]), _dims(matches[repeated])
+    if source is None or wide is None or flat is None or len(source) != 4 or len(wide) != 5:
+        return None
+    if [int(a) for a in expand.attrs.axis] != [2] or not isinstance(wide[2], tirx.IntImm):
+        return None
+    count = int(wide[2])
+    b, heads, seq, dim = source
+    if not (all(_same(x, y) for x, y in zip([b, heads, seq, dim], [wide[0], wide[1], wide[3],
+                                                                       wide[4]]))
+            and len(flat) == 4 and _same(flat[1], heads * count)
+            and all(_same(x, y) for x, y in zip([b, seq, dim], [flat[0], flat[2], flat[3]]))):
+        return None
+    return count
+
+
+def _grouped(call: relax.Call, matches: dict, lhs_pattern, rhs_of) -> relax.Expr:
+    count = _repeat_count(matches)
+    lhs, out = _dims(matches[lhs_pattern]), _dims(call)
+    if count is None or count == 1 or lhs is None or out is None or len(lhs) != 4:
+        return call
+    b, heads = _dims(matches[kv])[:2]
+    if not _same(lhs[1], heads * count):
+        return call
+    grouped = relax.op.reshape(matches[lhs_pattern], [b, heads, lhs[2] * count, lhs[3]])
+    product = relax.op.matmul(grouped, rhs_of(matches[kv]), out_dtype=call.attrs.out_dtype)
+    return relax.op.reshape(product, out)
+
+
+def _scores(call: relax.Call, matches: dict) -> relax.Expr:
+    if [int(a) for a in matches[transposed].attrs.axes] != [0, 1, 3, 2]:
+        return call
+    return _grouped(call, matches, scores_lhs,
+                    lambda k: relax.op.permute_dims(k, [0, 1, 3, 2]))
+
+
+def _context(call: relax.Call, matches: dict) -> relax.Expr:
+    return _grouped(call, matches, context_lhs, lambda v: v)
+
+
+RULES = [(SCORES, _scores), (CONTEXT, _context)]
+
+
+@tvm.transform.module_pass(opt_level=0, name="GroupedQueryAttention")
+class GroupedQueryAttention:
+    def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        mod = mod.clone()
+        for gv, func in list(mod.functions_items()):
+            if isinstance(func, relax.Function):
+                for pattern, rewrite in RULES:
+                    func = rewrite_call(pattern, rewrite, func)
+                mod[gv] = relax.analysis.remove_all_unused(func)
+        return mod
