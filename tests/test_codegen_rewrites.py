@@ -84,13 +84,15 @@ def test_grouped_query_attention_reads_each_kv_head_once():
                  v: R.Tensor((1, 2, "s", 8), "float32")):
             t, s = T.int64(), T.int64()
             with R.dataflow():
-                qg = R.reshape(q, R.shape([1, 2, t * 3, 8]))
-                kt = R.permute_dims(k, axes=[0, 1, 3, 2])
+                qg = R.reshape(q, R.shape([1, 2, 3, t, 8]))
+                kg = R.reshape(k, R.shape([1, 2, 1, s, 8]))
+                kt = R.permute_dims(kg, axes=[0, 1, 2, 4, 3])
                 sg = R.matmul(qg, kt)
                 scores = R.reshape(sg, R.shape([1, 6, t, s]))
                 p = R.nn.softmax(scores, axis=-1)
-                pg = R.reshape(p, R.shape([1, 2, t * 3, s]))
-                og = R.matmul(pg, v)
+                pg = R.reshape(p, R.shape([1, 2, 3, t, s]))
+                vg = R.reshape(v, R.shape([1, 2, 1, s, 8]))
+                og = R.matmul(pg, vg)
                 out = R.reshape(og, R.shape([1, 6, t, 8]))
                 R.output(out)
             return out

@@ -3,16 +3,20 @@ key/value head once, instead of a copy per query head that shares it.
 
 transformers' `repeat_kv` widens K and V [B, Hkv, S, D] to [B, Hkv * R, S, D] before the
 products (expand_dims, broadcast_to, reshape), so every step copies the cache R times (SmolLM2:
-3x, every layer, every decode step). Query head h = g * R + r reads kv head g, so grouping the
-R query heads of a kv head as rows of one product gives the same result without the copy:
+3x, every layer, every decode step). Query head h = g * R + r reads kv head g, so splitting the
+heads into [Hkv, R] lets matmul broadcast the kv head over its R query heads, reading it in
+place:
 
-    matmul(q, permute_dims(repeat(k), [0, 1, 3, 2]))      [B, H, T, S]
-      -> reshape(matmul(reshape(q, [B, Hkv, R * T, D]), permute_dims(k, [0, 1, 3, 2])),
+    matmul(q, permute_dims(repeat(k), [0, 1, 3, 2]))                                [B, H, T, S]
+      -> reshape(matmul(reshape(q, [B, Hkv, R, T, D]),
+                        permute_dims(reshape(k, [B, Hkv, 1, S, D]), [0, 1, 2, 4, 3])),
                  [B, H, T, S])
-    matmul(p, repeat(v))                                   [B, H, T, D]
-      -> reshape(matmul(reshape(p, [B, Hkv, R * T, S]), v), [B, H, T, D])
+    matmul(p, repeat(v))                                                            [B, H, T, D]
+      -> reshape(matmul(reshape(p, [B, Hkv, R, T, S]), reshape(v, [B, Hkv, 1, S, D])),
+                 [B, H, T, D])
 
-The reshapes move no data (they become views).
+The reshapes move no data (they become views), and a decode step's products keep one query row
+each (the matrix-vector kernels).
 """
 
 from __future__ import annotations
@@ -65,11 +69,12 @@ def _grouped(call: relax.Call, matches: dict, lhs_pattern, rhs_of) -> relax.Expr
     lhs, out = _dims(matches[lhs_pattern]), _dims(call)
     if count is None or count == 1 or lhs is None or out is None or len(lhs) != 4:
         return call
-    b, heads = _dims(matches[kv])[:2]
+    b, heads, seq, dim = _dims(matches[kv])
     if not _same(lhs[1], heads * count):
         return call
-    grouped = relax.op.reshape(matches[lhs_pattern], [b, heads, lhs[2] * count, lhs[3]])
-    product = relax.op.matmul(grouped, rhs_of(matches[kv]), out_dtype=call.attrs.out_dtype)
+    split = relax.op.reshape(matches[lhs_pattern], [b, heads, count, lhs[2], lhs[3]])
+    shared = relax.op.reshape(matches[kv], [b, heads, 1, seq, dim])
+    product = relax.op.matmul(split, rhs_of(shared), out_dtype=call.attrs.out_dtype)
     return relax.op.reshape(product, out)
 
 
@@ -77,7 +82,7 @@ def _scores(call: relax.Call, matches: dict) -> relax.Expr:
     if [int(a) for a in matches[transposed].attrs.axes] != [0, 1, 3, 2]:
         return call
     return _grouped(call, matches, scores_lhs,
-                    lambda k: relax.op.permute_dims(k, [0, 1, 3, 2]))
+                    lambda k: relax.op.permute_dims(k, [0, 1, 2, 4, 3]))
 
 
 def _context(call: relax.Call, matches: dict) -> relax.Expr:
