@@ -430,3 +430,14 @@ def test_int4_with_calibration_weighs_rounding_by_the_inputs(tmp_path):
         compiled.save(tmp_path / name)
         errors.append(np.square(graft.load(tmp_path / name)(x.numpy()) - expected).mean())
     assert errors[1] < 0.9 * errors[0]
+
+
+def test_weight_beyond_float16_range_falls_back_from_int4():
+    model = MLP(seed=11).eval()
+    with torch.no_grad():
+        model.layers[1].weight[0, 0] = 1e5  # its int4 offset would overflow float16
+    compiled = graft.compile(model, (torch.randn(2, 64),), passes=[P.Quantize("int4")])
+    layers = compiled.manifest["passes"][0]["did"]["layers"]
+    assert layers["p_layers_0_weight"]["precision"] == "int4"
+    assert layers["p_layers_1_weight"]["precision"] == "int8"
+    assert "float16" in layers["p_layers_1_weight"]["not_int4"]

@@ -131,8 +131,8 @@ class Quantize(GraftPass):
             options = [p for p in (self.scheme, self.fallback) if p in packed[name]]
             precision[name] = options[0] if options else "fp32"
             if precision[name] != self.scheme:
-                why[name] = formats.can_pack(self.scheme, *_as_nk(
-                    state.params[name], reads[name]).shape, self.group_size)
+                w_nk = _as_nk(state.params[name], reads[name])
+                why[name] = formats.can_pack(self.scheme, *w_nk.shape, self.group_size, w_nk)
             if not options:
                 kept[name] = why[name]
         measured = self._measure_and_search(state, reads, packed, precision, inputs)
@@ -208,7 +208,8 @@ class Quantize(GraftPass):
         return {scheme: formats.quantize(w_nk, scheme, self.group_size, self.symmetric,
                                          importance if scheme == "int4" else None)
                 for scheme in (self.scheme, self.fallback)
-                if scheme != "fp32" and formats.can_pack(scheme, n, k, self.group_size) is None}
+                if scheme != "fp32" and formats.can_pack(scheme, n, k, self.group_size,
+                                                         w_nk) is None}
 
     def _input_statistics(self, state: CompileState, layers: list) -> dict:
         """name -> (calibration rows of the layer's input, mean square per input channel),

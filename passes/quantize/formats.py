@@ -35,6 +35,7 @@ from tvm import te, tirx
 NIBBLE_BLOCK = 32  # columns per nibble block (see the module docstring)
 COLUMN_TILE = 64   # int4 columns stored together over all of K (see the module docstring)
 SCHEMES = ("int8", "int4", "fp16")
+FLOAT16_LIMIT = 60000.0  # int4 weights beyond it would overflow their float16 scale/offset
 
 
 @dataclass
@@ -81,9 +82,12 @@ class PackedWeight:
         return {"q": ((n // COLUMN_TILE, k, COLUMN_TILE // 2), "uint8"), **groups}
 
 
-def can_pack(scheme: str, n: int, k: int, group: int) -> str | None:
+def can_pack(scheme: str, n: int, k: int, group: int, weight: np.ndarray | None = None) \
+        -> str | None:
     """Why a [N, K] weight cannot take the format, or None when it can."""
     if scheme == "int4":
+        if weight is not None and not np.all(np.abs(weight) < FLOAT16_LIMIT):
+            return f"values up to {np.abs(weight).max():.4g}: int4 scales are float16"
         if n % COLUMN_TILE:
             return f"{n} outputs are not a multiple of {COLUMN_TILE}"
         if k % group:
@@ -109,12 +113,14 @@ def quantize(weight_nk: np.ndarray, scheme: str, group: int = 32, symmetric: boo
                                                     "scale": scale})
     if scheme != "int4":
         raise ValueError(f"unknown scheme {scheme!r}")
-    if not np.all(np.abs(w) < 60000):
-        raise ValueError(f"int4 stores scales in float16: weight values up to "
-                         f"{np.abs(w).max():.4g} are out of its range (|w| < 60000)")
+    why = can_pack(scheme, n, k, group, w)
+    if why is not None:
+        raise ValueError(f"cannot pack a [{n}, {k}] weight as int4: {why}")
     channels = np.ones(k, np.float32) if importance is None else \
         np.asarray(importance, np.float32).reshape(k)
-    channels = (channels / max(float(channels.mean()), 1e-30)).reshape(1, k // group, group)
+    # relative to the mean; a channel quiet in calibration keeps a little weight of its own
+    channels = np.maximum(channels / max(float(channels.mean()), 1e-30), IMPORTANCE_FLOOR)
+    channels = channels.reshape(1, k // group, group)
     q, scale, offset = np.empty((n, k), np.uint8), np.empty((n, k // group), np.float16), \
         np.empty((n, k // group), np.float16)
     for rows in range(0, n, ROWS_PER_CHUNK):
@@ -132,7 +138,8 @@ def quantize(weight_nk: np.ndarray, scheme: str, group: int = 32, symmetric: boo
     return PackedWeight("int4", k, n, group, symmetric, arrays)
 
 
-ROWS_PER_CHUNK = 128  # rows searched at once (keeps the search in cache)
+ROWS_PER_CHUNK = 128     # rows searched at once (keeps the search in cache)
+IMPORTANCE_FLOOR = 0.01  # least weight of an input channel, relative to the mean
 RANGE_TRIES = np.linspace(-1, 1, 9, dtype=np.float32)  # a group's range spans 15 + t steps
 
 
