@@ -70,7 +70,7 @@ def _grouped(call: relax.Call, matches: dict, lhs_pattern, rhs_of) -> relax.Expr
     if count is None or count == 1 or lhs is None or out is None or len(lhs) != 4:
         return call
     b, heads, seq, dim = _dims(matches[kv])
-    if not _same(lhs[1], heads * count):
+    if not (_same(lhs[0], b) and _same(lhs[1], heads * count)):
         return call
     split = relax.op.reshape(matches[lhs_pattern], [b, heads, count, lhs[2], lhs[3]])
     shared = relax.op.reshape(matches[kv], [b, heads, 1, seq, dim])
@@ -79,7 +79,8 @@ def _grouped(call: relax.Call, matches: dict, lhs_pattern, rhs_of) -> relax.Expr
 
 
 def _scores(call: relax.Call, matches: dict) -> relax.Expr:
-    if [int(a) for a in matches[transposed].attrs.axes] != [0, 1, 3, 2]:
+    axes = matches[transposed].attrs.axes
+    if axes is None or [int(a) for a in axes] != [0, 1, 3, 2]:
         return call
     return _grouped(call, matches, scores_lhs,
                     lambda k: relax.op.permute_dims(k, [0, 1, 2, 4, 3]))
