@@ -60,7 +60,7 @@ class RepeatedKV:
     @R.function
     def main(q: R.Tensor((1, 6, "t", 8), "float32"), k: R.Tensor((1, 2, "s", 8), "float32"),
              v: R.Tensor((1, 2, "s", 8), "float32")):
-        t, s = T.int64(), T.int64()
+        s = T.int64()
         with R.dataflow():
             ke = R.expand_dims(k, axis=[2])
             kb = R.broadcast_to(ke, R.shape([1, 2, 3, s, 8]))

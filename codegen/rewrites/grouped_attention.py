@@ -25,6 +25,8 @@ import tvm
 from tvm import relax, tirx
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
+from graft.codegen.rewrites import shape_dims
+
 kv = wildcard()
 expanded = is_op("relax.expand_dims")(kv)
 widened = is_op("relax.broadcast_to")(expanded, wildcard())
@@ -35,11 +37,6 @@ SCORES = is_op("relax.matmul")(scores_lhs, transposed)
 CONTEXT = is_op("relax.matmul")(context_lhs, repeated)
 
 
-def _dims(expr) -> list | None:
-    shape = getattr(getattr(expr, "ty", None), "shape", None)
-    return list(shape.values) if shape is not None and hasattr(shape, "values") else None
-
-
 def _same(a, b) -> bool:
     return tvm.sym.Analyzer().can_prove_equal(a, b)
 
@@ -47,9 +44,9 @@ def _same(a, b) -> bool:
 def _repeat_count(matches: dict) -> int | None:
     """R, when the matched reshape(broadcast_to(expand_dims(kv))) is transformers' repeat_kv:
     kv [B, Hkv, S, D] -> [B, Hkv, R, S, D] -> [B, Hkv * R, S, D]."""
-    source = _dims(matches[kv])
+    source = shape_dims(matches[kv])
     expand = matches[expanded]
-    wide, flat = _dims(matches[widened]), _dims(matches[repeated])
+    wide, flat = shape_dims(matches[widened]), shape_dims(matches[repeated])
     if source is None or wide is None or flat is None or len(source) != 4 or len(wide) != 5:
         return None
     if [int(a) for a in expand.attrs.axis] != [2] or not isinstance(wide[2], tirx.IntImm):
@@ -66,10 +63,10 @@ def _repeat_count(matches: dict) -> int | None:
 
 def _grouped(call: relax.Call, matches: dict, lhs_pattern, rhs_of) -> relax.Expr:
     count = _repeat_count(matches)
-    lhs, out = _dims(matches[lhs_pattern]), _dims(call)
+    lhs, out = shape_dims(matches[lhs_pattern]), shape_dims(call)
     if count is None or count == 1 or lhs is None or out is None or len(lhs) != 4:
         return call
-    b, heads, seq, dim = _dims(matches[kv])
+    b, heads, seq, dim = shape_dims(matches[kv])
     if not (_same(lhs[0], b) and _same(lhs[1], heads * count)):
         return call
     split = relax.op.reshape(matches[lhs_pattern], [b, heads, count, lhs[2], lhs[3]])

@@ -13,20 +13,17 @@ from tvm_ffi import structural_equal
 from tvm import relax
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
+from graft.codegen.rewrites import shape_dims
+
 x = wildcard()
 weight = wildcard()
 target_shape = wildcard()
 PATTERN = is_op("relax.matmul")(x, is_op("relax.broadcast_to")(weight, target_shape))
 
 
-def _shape(expr):
-    shape = getattr(getattr(expr, "ty", None), "shape", None)
-    return list(shape.values) if shape is not None and hasattr(shape, "values") else None
-
-
 def _rewrite(call: relax.Call, matches: dict) -> relax.Expr:
-    lhs, w = _shape(matches[x]), _shape(matches[weight])
-    broadcast = _shape(call.args[1])
+    lhs, w = shape_dims(matches[x]), shape_dims(matches[weight])
+    broadcast = shape_dims(call.args[1])
     if lhs is None or w is None or broadcast is None or len(w) < 2:
         return call
     def same(dims_a, dims_b):
