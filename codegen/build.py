@@ -15,6 +15,7 @@ from graft.codegen.rewrites.clipped_take import legalize_take
 from graft.codegen.rewrites.fast_gelu import FAST_LEGALIZATIONS
 from graft.codegen.rewrites.fuse_dequantize import FuseDequantizeGEMV
 from graft.codegen.rewrites.grouped_attention import GroupedQueryAttention
+from graft.codegen.rewrites.injective_copies import MarkInjectiveKernels
 from graft.codegen.rewrites.quantized_gemv import QuantizedGEMVKernel
 from graft.codegen.rewrites.matmul_broadcast import MatmulBroadcastWeight
 from graft.codegen.rewrites.prepack_weights import PrepackWeights
@@ -53,6 +54,8 @@ def lowering_entries(target: tvm.target.Target) -> list[Entry]:
         entry("legalize_ops", relax.transform.LegalizeOps(
             {**FAST_LEGALIZATIONS, "relax.take": legalize_take})),
         entry("annotate_tir_op_pattern", relax.transform.AnnotateTIROpPattern()),
+        # copies TVM's analysis left opaque (symbolic shapes: take, concatenate) can fuse
+        entry("mark_injective_kernels", MarkInjectiveKernels()),
         # a one-row product with an int4 weight: graft's grouped kernel (quantized models)
         *([entry("quantized_gemv_kernel", QuantizedGEMVKernel())] if on_cpu else []),
         entry("fold_constant", relax.transform.FoldConstant()),

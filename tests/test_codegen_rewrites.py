@@ -9,6 +9,7 @@ from tvm.script import relax as R
 from tvm.script import tirx as T
 
 from graft.codegen.rewrites.grouped_attention import GroupedQueryAttention
+from graft.codegen.rewrites.injective_copies import MarkInjectiveKernels
 from graft.codegen.rewrites.matmul_broadcast import MatmulBroadcastWeight
 from graft.codegen.rewrites.prepack_weights import PrepackWeights
 from graft.frontend.imported import FunctionSignature
@@ -54,11 +55,11 @@ def test_broadcast_that_adds_batch_rows_is_kept():
     tvm.ir.assert_structural_equal(MatmulBroadcastWeight()(Before), Before)
 
 
+REPEATED_KV = """
 @I.ir_module
 class RepeatedKV:
-    """transformers' attention with 2 kv heads shared by 6 query heads (repeat_kv), T queries."""
     @R.function
-    def main(q: R.Tensor((1, 6, "t", 8), "float32"), k: R.Tensor((1, 2, "s", 8), "float32"),
+    def main(q: R.Tensor((1, 6, {t}, 8), "float32"), k: R.Tensor((1, 2, "s", 8), "float32"),
              v: R.Tensor((1, 2, "s", 8), "float32")):
         s = T.int64()
         with R.dataflow():
@@ -74,30 +75,44 @@ class RepeatedKV:
             out = R.matmul(p, vr)
             R.output(out)
         return out
+"""
+
+
+def _repeated_kv(t):
+    """transformers' attention with 2 kv heads shared by 6 query heads (repeat_kv), t queries
+    (a number, or a name for a symbolic count)."""
+    return tvm.script.from_source(REPEATED_KV.format(t=repr(t)),
+                                  extra_vars={"I": I, "R": R, "T": T})
 
 
 def test_grouped_query_attention_reads_each_kv_head_once():
     @I.ir_module
     class Expected:
         @R.function
-        def main(q: R.Tensor((1, 6, "t", 8), "float32"), k: R.Tensor((1, 2, "s", 8), "float32"),
+        def main(q: R.Tensor((1, 6, 5, 8), "float32"), k: R.Tensor((1, 2, "s", 8), "float32"),
                  v: R.Tensor((1, 2, "s", 8), "float32")):
-            t, s = T.int64(), T.int64()
+            s = T.int64()
             with R.dataflow():
-                qg = R.reshape(q, R.shape([1, 2, 3, t, 8]))
+                qg = R.reshape(q, R.shape([1, 2, 3, 5, 8]))
                 kg = R.reshape(k, R.shape([1, 2, 1, s, 8]))
                 kt = R.permute_dims(kg, axes=[0, 1, 2, 4, 3])
                 sg = R.matmul(qg, kt)
-                scores = R.reshape(sg, R.shape([1, 6, t, s]))
+                scores = R.reshape(sg, R.shape([1, 6, 5, s]))
                 p = R.nn.softmax(scores, axis=-1)
-                pg = R.reshape(p, R.shape([1, 2, 3, t, s]))
+                pg = R.reshape(p, R.shape([1, 2, 3, 5, s]))
                 vg = R.reshape(v, R.shape([1, 2, 1, s, 8]))
                 og = R.matmul(pg, vg)
-                out = R.reshape(og, R.shape([1, 6, t, 8]))
+                out = R.reshape(og, R.shape([1, 6, 5, 8]))
                 R.output(out)
             return out
 
-    tvm.ir.assert_structural_equal(GroupedQueryAttention()(RepeatedKV), Expected)
+    tvm.ir.assert_structural_equal(GroupedQueryAttention()(_repeated_kv(5)), Expected)
+
+
+def test_grouped_query_attention_keeps_a_symbolic_number_of_queries():
+    """Prefill (symbolic query count): the grouped product splits into too few tasks."""
+    before = _repeated_kv("t")
+    tvm.ir.assert_structural_equal(GroupedQueryAttention()(before), before)
 
 
 def test_grouped_query_attention_computes_the_repeated_product():
@@ -108,7 +123,9 @@ def test_grouped_query_attention_computes_the_repeated_product():
     scores = q @ kr.transpose(0, 1, 3, 2)
     p = np.exp(scores - scores.max(-1, keepdims=True))
     expected = (p / p.sum(-1, keepdims=True)) @ vr
-    lib = tvm.compile(GroupedQueryAttention()(RepeatedKV), target="llvm")
+    grouped = GroupedQueryAttention()(_repeated_kv(5))
+    assert "broadcast_to" not in grouped.script()  # the repeated copy is gone
+    lib = tvm.compile(grouped, target="llvm")
     vm = relax.VirtualMachine(lib, tvm.cpu())
     got = vm["main"](*(tvm.runtime.tensor(a) for a in (q, k, v))).numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
@@ -196,3 +213,70 @@ def test_tied_weight_keeps_both_layouts():
     got = vm["main"](tvm.runtime.tensor(ids), *[tvm.runtime.tensor(state.params[n])
                                                 for n in state.signatures["main"].params])
     np.testing.assert_allclose(got.numpy(), w[ids] @ w.T, rtol=1e-5, atol=1e-5)
+
+
+def _with_pattern(pattern):
+    @I.ir_module
+    class Module:
+        @T.prim_func(private=True, s_tir=True)
+        def take(past: T.Buffer((T.int64(4), T.int64(3), T.int64(8)), "float32"),
+                 index: T.Buffer((), "int64"),
+                 out: T.Buffer((T.int64(3), T.int64(8)), "float32")):
+            T.func_attr({"op_pattern": pattern, "tirx.noalias": True})
+            for i, j in T.grid(T.int64(3), T.int64(8)):
+                with T.sblock("T_take"):
+                    vi, vj = T.axis.remap("SS", [i, j])
+                    out[vi, vj] = past[T.min(T.max(T.int64(0), index[()]), T.int64(3)), vi, vj]
+
+        @T.prim_func(private=True, s_tir=True)
+        def row_sum(x: T.Buffer((T.int64(3), T.int64(8)), "float32"),
+                    out: T.Buffer((T.int64(3),), "float32")):
+            T.func_attr({"op_pattern": 8, "tirx.noalias": True})
+            for i, j in T.grid(T.int64(3), T.int64(8)):
+                with T.sblock("sum"):
+                    vi, vj = T.axis.remap("SR", [i, j])
+                    with T.init():
+                        out[vi] = T.float32(0)
+                    out[vi] = out[vi] + x[vi, vj]
+
+    return Module
+
+
+def test_opaque_copy_kernel_is_marked_injective():
+    """A gather TVM left opaque becomes injective; a reduction left opaque stays opaque."""
+    after = MarkInjectiveKernels()(_with_pattern(8))
+    assert int(after["take"].attrs["op_pattern"]) == 2
+    assert int(after["row_sum"].attrs["op_pattern"]) == 8
+    tvm.ir.assert_structural_equal(after, _with_pattern(2))
+
+
+def test_cache_layer_take_fuses_into_concatenate():
+    """past[i] ++ new along a symbolic length (a decode step's KV append): one kernel, not a
+    take copy followed by a concatenate copy; the result equals numpy's."""
+    from graft.codegen import build as codegen
+    from graft.codegen.target import resolve_target
+    from graft.passes.pipeline import run_pipeline
+
+    @I.ir_module
+    class Append:
+        @R.function
+        def main(past: R.Tensor((4, 1, 3, "p", 8), "float32"),
+                 new: R.Tensor((1, 3, 1, 8), "float32")):
+            with R.dataflow():
+                layer = R.take(past, R.const(2, "int64"), axis=0)
+                out = R.concat((layer, new), axis=2)
+                R.output(out)
+            return out
+
+    target = resolve_target("cpu")
+    state = CompileState(Append, {}, {}, target=target)
+    run_pipeline(state, codegen.lowering_entries(target))
+    kernels = [gv.name_hint for gv, f in state.mod.functions_items()
+               if isinstance(f, tvm.tirx.PrimFunc)]
+    assert kernels == ["fused_take_concatenate"], kernels
+    rng = np.random.default_rng(0)
+    past, new = rng.standard_normal((4, 1, 3, 5, 8), "float32"), \
+        rng.standard_normal((1, 3, 1, 8), "float32")
+    vm = relax.VirtualMachine(codegen.build(state.mod, target), tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(past), tvm.runtime.tensor(new)).numpy()
+    np.testing.assert_array_equal(got, np.concatenate([past[2], new], axis=2))
