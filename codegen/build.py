@@ -11,6 +11,7 @@ from tvm import relax
 from tvm.s_tir import dlight as dl
 
 from graft.codegen import cpu
+from graft.codegen.rewrites import replace_functions
 from graft.codegen.rewrites.clipped_take import legalize_take
 from graft.codegen.rewrites.fast_gelu import FAST_LEGALIZATIONS
 from graft.codegen.rewrites.fuse_dequantize import FuseDequantizeGEMV
@@ -103,12 +104,7 @@ def shape_functions_noalias(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
                if isinstance(func, tvm.tirx.PrimFunc)
                and not (func.attrs is not None and func.attrs.get("tirx.noalias", False))
                and len(func.params) == 1}
-    if not updates:
-        return mod
-    mod = mod.clone()
-    for gv, func in updates.items():
-        mod[gv] = func
-    return mod
+    return replace_functions(mod, updates)
 
 
 def build(mod: tvm.IRModule, target: tvm.target.Target):

@@ -5,3 +5,14 @@ def shape_dims(expr) -> list | None:
     """The dimensions of a Relax expression's tensor shape, or None when it has none known."""
     shape = getattr(getattr(expr, "ty", None), "shape", None)
     return list(shape.values) if shape is not None and hasattr(shape, "values") else None
+
+
+def replace_functions(mod, updates: dict):
+    """`mod` with the functions in `updates` (global var -> function) replaced; `mod` itself
+    when there are none."""
+    if not updates:
+        return mod
+    mod = mod.clone()
+    for gv, func in updates.items():
+        mod[gv] = func
+    return mod

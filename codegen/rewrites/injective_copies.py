@@ -16,6 +16,7 @@ import tvm
 from tvm import s_tir, tirx
 
 from graft.codegen.cpu import common
+from graft.codegen.rewrites import replace_functions
 
 OPAQUE, INJECTIVE = 8, 2
 
@@ -53,9 +54,4 @@ class MarkInjectiveKernels:
                    if isinstance(func, tirx.PrimFunc) and func.attrs is not None
                    and int(func.attrs.get("op_pattern", -1)) == OPAQUE
                    and is_injective_copy(func)}
-        if not updates:
-            return mod
-        mod = mod.clone()
-        for gv, func in updates.items():
-            mod[gv] = func
-        return mod
+        return replace_functions(mod, updates)
