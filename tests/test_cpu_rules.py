@@ -71,6 +71,16 @@ def test_matmul_symbolic_rows_with_bias_gelu_residual(m):
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("m", [5, 77])
+def test_matmul_symbolic_rows_long_k(m):
+    """K = 1536 with symbolic rows: K runs in blocks, the row tile's strip of C in between."""
+    k, n = 1536, 96
+    a, w = _rand(m, k), _rand(k, n)
+    out = _lower_and_run(lambda bb, v: relax.op.matmul(v[0], v[1]),
+                         [(("m", k), a), ((k, n), w)], {"Matmul": 1})
+    np.testing.assert_allclose(out, a @ w, rtol=1e-4, atol=1e-4 * math.sqrt(k))
+
+
 @pytest.mark.parametrize("batch,seq", [(2, 37), (3, 1)])
 def test_matmul_batched_rows_symbolic(batch, seq):
     """x[b, s, k] @ W[k, n]: rows from two symbolic axes (a projection in a transformer)."""

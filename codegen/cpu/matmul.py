@@ -26,7 +26,7 @@ class Matmul(common.CPURule):
     # 8 x 2 last (a tile that straddles two rows of a batched operand makes the epilogue irregular)
     TILES = ((8, 3), (6, 4), (8, 2))
     K_UNROLL = 4      # k steps unrolled in the register-tile loop
-    K_BLOCK = 512     # K is blocked when longer than 1.5 blocks
+    K_BLOCK = 512     # K is blocked when longer than 1.5 blocks (symbolic rows or batch only)
     PACK_MIN_ROWS = 512  # B is copied into panels only for at least this many (static) rows
     CHUNK_COLS = 256  # columns of a strip (its panel of B is reused by every row tile)
 
@@ -84,14 +84,17 @@ class Matmul(common.CPURule):
         strip_cols = tile_cols * common.chunk_count(sch, j, tile_cols, self.CHUNK_COLS)
         i_tile, i_reg = sch.split(i, [None, rows])
         j_strip, j_tile, j_reg = sch.split(j, [None, strip_cols // tile_cols, tile_cols])
-        k_block = self.k_block(common.extent(sch, k))
         # Tasks: (batch, column strip, row tile) fused when all are static. With a symbolic
         # extent, a task's tile position would come out of `task % extent`, which TVM cannot
         # prove non-negative; the register tile's offset then stays a run-time value and the
         # accumulators live in memory. So: a symbolic or large batch alone is the parallel
         # loop; otherwise the symbolic row tiles go outermost (position = task // constant).
         batch_n, rows_n = common.extent(sch, batch), common.extent(sch, i_tile)
-        if isinstance(batch_n, int) and isinstance(rows_n, int):
+        static_tasks = isinstance(batch_n, int) and isinstance(rows_n, int)
+        # A static task is one row tile: blocking its K keeps the tile's whole strip of C in
+        # memory between blocks (measured, 128x1536x384: 87-102 GFLOP/s blocked, 120-148 not)
+        k_block = None if static_tasks else self.k_block(common.extent(sch, k))
+        if static_tasks:
             outer, parallel = (batch, j_strip, i_tile), 3
         elif row_groups == 1:
             outer, parallel = (batch, i_tile, j_strip), 1
