@@ -18,6 +18,7 @@ from graft.codegen.rewrites.fuse_dequantize import FuseDequantizeGEMV
 from graft.codegen.rewrites.grouped_attention import GroupedQueryAttention
 from graft.codegen.rewrites.injective_copies import MarkInjectiveKernels
 from graft.codegen.rewrites.quantized_gemv import QuantizedGEMVKernel
+from graft.codegen.rewrites.symbolic_softmax import SymbolicSoftmax
 from graft.codegen.rewrites.matmul_broadcast import MatmulBroadcastWeight
 from graft.codegen.rewrites.prepack_weights import PrepackWeights
 from graft.codegen.schedule import ScheduleKernels
@@ -42,6 +43,8 @@ def lowering_entries(target: tvm.target.Target) -> list[Entry]:
         # (CPU only: dlight's CUDA rules give the grouped product, whose row count is
         # symbolic, a stack array of symbolic size, which CUDA codegen refuses)
         *([entry("grouped_query_attention", GroupedQueryAttention())] if on_cpu else []),
+        # softmax over a symbolic length (attention over a cache): graft's vectorized kernel
+        *([entry("symbolic_softmax", SymbolicSoftmax())] if on_cpu else []),
         # CPU kernels want weights as [K, N]: transpose them once, here, not at every call
         *([entry("prepack_weights", PrepackWeights())] if on_cpu else []),
         # x @ W.T as one kernel: otherwise every call transposes every weight first

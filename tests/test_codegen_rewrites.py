@@ -12,6 +12,7 @@ from graft.codegen.rewrites.grouped_attention import GroupedQueryAttention
 from graft.codegen.rewrites.injective_copies import MarkInjectiveKernels
 from graft.codegen.rewrites.matmul_broadcast import MatmulBroadcastWeight
 from graft.codegen.rewrites.prepack_weights import PrepackWeights
+from graft.codegen.rewrites.symbolic_softmax import SymbolicSoftmax
 from graft.frontend.imported import FunctionSignature
 from graft.passes.pipeline import CompileState
 
@@ -280,3 +281,29 @@ def test_cache_layer_take_fuses_into_concatenate():
     vm = relax.VirtualMachine(codegen.build(state.mod, target), tvm.cpu())
     got = vm["main"](tvm.runtime.tensor(past), tvm.runtime.tensor(new)).numpy()
     np.testing.assert_array_equal(got, np.concatenate([past[2], new], axis=2))
+
+
+def _softmax_module(length):
+    return tvm.script.from_source("""
+@I.ir_module
+class Scores:
+    @R.function
+    def main(s: R.Tensor((1, 9, "t", {n}), "float32")):
+        with R.dataflow():
+            p = R.nn.softmax(s, axis=-1)
+            R.output(p)
+        return p
+""".format(n=repr(length)), extra_vars={"I": I, "R": R, "T": T})
+
+
+def test_softmax_over_symbolic_length_calls_the_row_kernel():
+    after = SymbolicSoftmax()(_softmax_module("n"))
+    kernels = [f for f in after.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert [str(f.attrs["graft.schedule_rule"]) for f in kernels] == ["RowSoftmax"]
+    text = after["main"].script()
+    assert "R.nn.softmax" not in text and text.count("R.reshape") == 2, text
+
+
+def test_softmax_over_static_length_is_kept():
+    before = _softmax_module(128)
+    tvm.ir.assert_structural_equal(SymbolicSoftmax()(before), before)
