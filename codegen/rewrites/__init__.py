@@ -16,3 +16,14 @@ def replace_functions(mod, updates: dict):
     for gv, func in updates.items():
         mod[gv] = func
     return mod
+
+
+def mutate_relax_functions(mutator, mod):
+    """Every Relax function of `mod` through `mutator` (a relax.PyExprMutator built on `mod`);
+    the mutator's module, with any functions it added."""
+    from tvm import relax
+
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            mutator.builder_.update_func(gv, mutator.visit_expr(func))
+    return mutator.builder_.get()

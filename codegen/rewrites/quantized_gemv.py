@@ -15,6 +15,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax
 
+from graft.codegen.rewrites import mutate_relax_functions
 from graft.codegen.rewrites.fuse_dequantize import DEQUANTIZE_ATTR, has_dequantize_kernels, one_row
 from graft.passes.quantize.formats import PackedWeight, gemv_func
 
@@ -68,8 +69,5 @@ class QuantizedGEMVKernel:
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         if not has_dequantize_kernels(mod):
             return mod
-        mutator = _GroupedGEMV(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                mutator.builder_.update_func(gv, mutator.visit_expr(func))
-        return relax.transform.DeadCodeElimination()(mutator.builder_.get())
+        return relax.transform.DeadCodeElimination()(
+            mutate_relax_functions(_GroupedGEMV(mod), mod))

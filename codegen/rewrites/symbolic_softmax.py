@@ -15,7 +15,7 @@ import tvm
 from tvm import relax, tirx
 
 from graft.codegen.cpu.softmax import softmax_rows_func
-from graft.codegen.rewrites import shape_dims
+from graft.codegen.rewrites import mutate_relax_functions, shape_dims
 
 SOFTMAX = tvm.ir.Op.get("relax.nn.softmax")
 
@@ -49,8 +49,4 @@ class _RowSoftmax(relax.PyExprMutator):
 @tvm.transform.module_pass(opt_level=0, name="SymbolicSoftmax")
 class SymbolicSoftmax:
     def transform_module(self, mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        mutator = _RowSoftmax(mod)
-        for gv, func in mod.functions_items():
-            if isinstance(func, relax.Function):
-                mutator.builder_.update_func(gv, mutator.visit_expr(func))
-        return mutator.builder_.get()
+        return mutate_relax_functions(_RowSoftmax(mod), mod)
