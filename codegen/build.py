@@ -16,7 +16,9 @@ from graft.codegen.rewrites.clipped_take import legalize_take
 from graft.codegen.rewrites.fast_gelu import FAST_LEGALIZATIONS
 from graft.codegen.rewrites.fuse_dequantize import FuseDequantizeGEMV
 from graft.codegen.rewrites.grouped_attention import GroupedQueryAttention
+from graft.codegen.rewrites.fold_weight_layouts import FoldWeightLayouts
 from graft.codegen.rewrites.injective_copies import MarkInjectiveKernels
+from graft.codegen.rewrites.layout_free_weights import MarkLayoutFreeWeights
 from graft.codegen.rewrites.quantized_gemv import QuantizedGEMVKernel
 from graft.codegen.rewrites.symbolic_softmax import SymbolicSoftmax
 from graft.codegen.rewrites.matmul_broadcast import MatmulBroadcastWeight
@@ -33,9 +35,12 @@ def schedule_rules(target: tvm.target.Target):
     return cpu.rules()
 
 
-def lowering_entries(target: tvm.target.Target) -> list[Entry]:
-    """Legalize Relax ops into TIR, fuse, and schedule the kernels for the target."""
+def lowering_entries(target: tvm.target.Target, weight_layouts: bool = True) -> list[Entry]:
+    """Legalize Relax ops into TIR, fuse, and schedule the kernels for the target. Without
+    `weight_layouts`, the compiled functions take every weight in the module's own layout (for
+    callers that swap weights in by name, such as Quantize's measurements)."""
     on_cpu = target.kind.name == "llvm"
+    weight_layouts = weight_layouts and on_cpu
     return [
         # matmul(x, broadcast_to(W)) reads W directly instead of a batch of copies
         entry("matmul_broadcast_weight", MatmulBroadcastWeight()),
@@ -69,9 +74,12 @@ def lowering_entries(target: tvm.target.Target) -> list[Entry]:
         # a one-row matmul expands its packed weight as it streams it (quantized models)
         *([entry("fuse_dequantize_gemv", FuseDequantizeGEMV())] if on_cpu else []),
         entry("dead_code_elimination", relax.transform.DeadCodeElimination()),
-        # schedule the TIR kernels for the target
+        # kernels learn which inputs are weights: a rule may read those in a layout of its own
+        *([MarkLayoutFreeWeights().as_entry()] if weight_layouts else []),
         # every kernel: graft's schedule rules for the target
         ScheduleKernels(schedule_rules(target)).as_entry(),
+        # weights copied into the layouts the kernels chose, here instead of at every call
+        *([FoldWeightLayouts().as_entry()] if weight_layouts else []),
     ]
 
 

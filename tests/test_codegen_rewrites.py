@@ -1,5 +1,5 @@
-"""The Relax rewrites the CPU lowering applies before legalization, in the Before/After form,
-plus a numeric check of weight pre-transposition against numpy."""
+"""The Relax rewrites the CPU lowering applies around legalization and scheduling, in the
+Before/After form, plus numeric checks of the weight layouts against numpy."""
 
 import numpy as np
 import tvm
@@ -10,6 +10,7 @@ from tvm.script import tirx as T
 
 from graft.codegen.rewrites.grouped_attention import GroupedQueryAttention
 from graft.codegen.rewrites.injective_copies import MarkInjectiveKernels
+from graft.codegen.rewrites.layout_free_weights import MarkLayoutFreeWeights
 from graft.codegen.rewrites.matmul_broadcast import MatmulBroadcastWeight
 from graft.codegen.rewrites.prepack_weights import PrepackWeights
 from graft.codegen.rewrites.symbolic_softmax import SymbolicSoftmax
@@ -307,3 +308,92 @@ def test_softmax_over_symbolic_length_calls_the_row_kernel():
 def test_softmax_over_static_length_is_kept():
     before = _softmax_module(128)
     tvm.ir.assert_structural_equal(SymbolicSoftmax()(before), before)
+
+
+def _weight_kernels(layout_free=None):
+    attrs = {"tirx.noalias": True}
+    if layout_free is not None:
+        attrs["layout_free_buffers"] = layout_free
+
+    @I.ir_module
+    class Module:
+        @T.prim_func(private=True, s_tir=True)
+        def scale(x: T.Buffer((T.int64(2), T.int64(4)), "float32"),
+                  w: T.Buffer((T.int64(2), T.int64(4)), "float32"),
+                  out: T.Buffer((T.int64(2), T.int64(4)), "float32")):
+            T.func_attr(attrs)
+            for i, j in T.grid(T.int64(2), T.int64(4)):
+                with T.sblock("scale"):
+                    vi, vj = T.axis.remap("SS", [i, j])
+                    out[vi, vj] = x[vi, vj] * w[vi, vj]
+
+        @R.function
+        def main(x: R.Tensor((2, 4), "float32"), w: R.Tensor((2, 4), "float32")):
+            cls = Module
+            with R.dataflow():
+                y = R.call_tir(cls.scale, (x, w), out_ty=R.Tensor((2, 4), "float32"))
+                z = R.call_tir(cls.scale, (y, w), out_ty=R.Tensor((2, 4), "float32"))
+                R.output(z)
+            return z
+
+    return Module
+
+
+def test_kernels_learn_which_inputs_are_weights():
+    """A kernel input that is a weight at every call is layout-free; one that is not at
+    some call (here the first input: x, then y) is not."""
+    state = CompileState(_weight_kernels(), {"w": np.ones((2, 4), "float32")},
+                         {"main": FunctionSignature(inputs=[], outputs=[], params=["w"])})
+    assert MarkLayoutFreeWeights().run(state) == {"kernels": 1}
+    tvm.ir.assert_structural_equal(state.mod, _weight_kernels(layout_free=[1]))
+
+
+def test_weight_panels_made_once_for_prefill_and_decode():
+    """The Matmul rule (symbolic rows) and the GEMV rule (one row) read a weight [K, N] as
+    [N/48, K, 48] panels; the panels are made at compile time and stored once, in place of the
+    weight. A weight whose columns make no whole panel stays as it is. Both functions equal
+    numpy's product."""
+    from graft.codegen.build import build, lowering_entries
+    from graft.codegen.target import resolve_target
+    from graft.passes.pipeline import run_pipeline
+
+    @I.ir_module
+    class Model:
+        @R.function
+        def prefill(x: R.Tensor(("m", 64), "float32"), w: R.Tensor((64, 96), "float32"),
+                    v: R.Tensor((96, 77), "float32")):
+            with R.dataflow():
+                y = R.matmul(R.matmul(x, w), v)
+                R.output(y)
+            return y
+
+        @R.function
+        def decode(x: R.Tensor((1, 64), "float32"), w: R.Tensor((64, 96), "float32")):
+            with R.dataflow():
+                y = R.matmul(x, w)
+                R.output(y)
+            return y
+
+    rng = np.random.default_rng(0)
+    w, v = rng.standard_normal((64, 96), "float32"), rng.standard_normal((96, 77), "float32")
+    target = resolve_target("cpu")
+    state = CompileState(Model, {"w": w, "v": v}, {
+        "prefill": FunctionSignature(inputs=[], outputs=[], params=["w", "v"]),
+        "decode": FunctionSignature(inputs=[], outputs=[], params=["w"])}, target=target)
+    records = run_pipeline(state, lowering_entries(target))
+    assert {r["pass"]: r["did"] for r in records}["fold_weight_layouts"] == \
+        {"weights": 1, "copies": 1}
+    assert state.signatures["prefill"].params == ["v", "w.panels"]
+    assert state.signatures["decode"].params == ["w.panels"]
+    assert sorted(state.params) == ["v", "w.panels"]
+    np.testing.assert_array_equal(state.params["w.panels"],
+                                  w.reshape(64, 2, 48).transpose(1, 0, 2))
+    vm = relax.VirtualMachine(build(state.mod, target), tvm.cpu())
+
+    def run(name, x):
+        params = [tvm.runtime.tensor(state.params[p]) for p in state.signatures[name].params]
+        return vm[name](tvm.runtime.tensor(x), *params).numpy()
+
+    x = rng.standard_normal((37, 64), "float32")
+    np.testing.assert_allclose(run("prefill", x), x @ w @ v, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(run("decode", x[:1]), x[:1] @ w, rtol=1e-4, atol=1e-4)

@@ -322,3 +322,30 @@ def normalize_gemm(sch: s_tir.Schedule, block, rows: bool) -> tuple:
     sch.transform_layout(write_c, ("read", 0), maps[3])
     sch.transform_block_layout(block, maps[0])
     return read_a, read_b, write_c
+
+
+# Blocks with this annotation copy a weight into the layout a kernel wants; after scheduling,
+# SplitLayoutRewritePreproc moves them into functions of their own and FoldWeightLayouts runs
+# those once, at compile time (see `codegen/rewrites/fold_weight_layouts.py`)
+LAYOUT_REWRITE = "meta_schedule.layout_rewrite_preproc"
+
+
+def weight_read(sch: s_tir.Schedule, block, index: int):
+    """The buffer of `block`'s `index`-th read when it is a 2-D weight the function takes as
+    it is (a parameter in the function's `layout_free_buffers`), in the dtype the block
+    computes in, else None. (A quantized weight keeps its format's own layout.)"""
+    func = sch.mod["main"]
+    free = func.attrs.get("layout_free_buffers") if func.attrs is not None else None
+    buffer = sch.get(block).reads[index].source
+    if free is None or len(buffer.shape) != 2 or \
+            buffer.dtype != sch.get(block).writes[0].source.dtype:
+        return None
+    return buffer if any(func.params[int(i)].same_as(buffer) for i in free) else None
+
+
+def pack_weight(sch: s_tir.Schedule, block, index: int, layout) -> None:
+    """Copy `block`'s `index`-th read (a weight) into `layout` (an index map of its 2-D
+    indices), as a layout rewrite done once at compile time instead of at every call."""
+    packed = sch.cache_read(block, index, "global")
+    sch.transform_layout(packed, ("write", 0), tirx.IndexMap.from_func(layout))
+    sch.annotate(packed, LAYOUT_REWRITE, 1)

@@ -18,6 +18,7 @@ from tvm import s_tir, tirx
 from tvm.target import Target
 
 from graft.codegen.cpu import common
+from graft.codegen.cpu.matmul import panel_layout, weight_panel_width
 
 
 class GEMV(common.CPURule):
@@ -57,8 +58,13 @@ class GEMV(common.CPURule):
         common.inline_producers(sch, main)  # a packed weight's expansion, read in registers
         if contiguous_j:
             packed = any(tvm.DataType(str(r.source.dtype)).bits <= 8 for r in sch.get(main).reads)
+            weight = common.weight_read(sch, main, 1)
+            panel = weight_panel_width(int(weight.shape[1]), lanes) if weight is not None \
+                else None
+            if panel is not None:  # stored as the Matmul rule's panels (prefill reads it too)
+                common.pack_weight(sch, main, 1, panel_layout(panel))
             self.stream_rows(sch, main, lanes, cores,
-                             self.PACKED_STRIP if packed else self.STRIP)
+                             self.PACKED_STRIP if packed else self.STRIP, panel)
         else:
             self.dot_products(sch, main, lanes)
         for block in common.blocks(sch):
@@ -68,28 +74,35 @@ class GEMV(common.CPURule):
         return sch
 
     def stream_rows(self, sch: s_tir.Schedule, main, lanes: int, cores: int,
-                    most_columns: int) -> None:
+                    most_columns: int, panel: int | None = None) -> None:
+        """Tasks own strips of columns (and slices of K, when the strips are too few). Rows of
+        B [K, N] are streamed across the strip; B in panels [N/panel, K, panel] is streamed
+        one panel after another, each contiguous over K."""
         s, j, k = sch.get_loops(main)
-        width = max(common.vector_width(common.extent(sch, j), lanes), 1)
+        width = panel or max(common.vector_width(common.extent(sch, j), lanes), 1)
         strip = width * self.strip_vectors(common.extent(sch, j), width, most_columns)
-        j_strip, j_vec, j_lane = sch.split(j, [None, strip // width, width])
+        vec = min(width, lanes)
+        j_strip, j_unit, j_vec, j_lane = sch.split(j, [None, strip // width, width // vec, vec])
         tasks = self.static_tasks(sch, (s, j_strip))
         slices = self.k_slices(common.extent(sch, k), tasks, cores)
+        # rows: every vector of the strip per k; panels: every k per panel of the strip
+        inner = (j_unit, k, j_vec) if panel else (k, j_unit, j_vec)
         if slices > 1:
             k_slice, k_row = sch.split(k, [slices, None])
             partial = sch.rfactor(k_slice, factor_axis=0)
-            s, j_strip, j_vec, j_lane, k_slice, k_row = sch.get_loops(partial)
-            sch.reorder(k_slice, s, j_strip, k_row, j_vec, j_lane)
+            s, j_strip, j_unit, j_vec, j_lane, k_slice, k_row = sch.get_loops(partial)
+            order = (j_unit, k_row, j_vec) if panel else (k_row, j_unit, j_vec)
+            sch.reorder(k_slice, s, j_strip, *order, j_lane)
             sch.parallel(sch.fuse(k_slice, s, j_strip))
             sch.vectorize(j_lane)
             sch.decompose_reduction(partial, k_row)
-            s, j_strip, j_vec, j_lane, k_slice = sch.get_loops(main)
-            sch.reorder(s, j_strip, j_vec, k_slice, j_lane)
+            s, j_strip, j_unit, j_vec, j_lane, k_slice = sch.get_loops(main)
+            sch.reorder(s, j_strip, j_unit, j_vec, k_slice, j_lane)
             sch.parallel(sch.fuse(s, j_strip))
             sch.vectorize(j_lane)
             sch.decompose_reduction(main, k_slice)
         else:
-            sch.reorder(s, j_strip, k, j_vec, j_lane)
+            sch.reorder(s, j_strip, *inner, j_lane)
             sch.parallel(sch.fuse(s, j_strip))
             sch.vectorize(j_lane)
             sch.decompose_reduction(main, k)

@@ -44,9 +44,11 @@ class Matmul(common.CPURule):
             return None
         common.inline_producers(sch, main)
         lanes = common.vector_lanes(target, sch.get(main).writes[0].source.dtype)
-        rows, vectors = self.register_tile(sch, main, axes, lanes)
-        tile_cols = lanes * vectors
         contiguous_j = common.b_contiguous_along_j(sch.get(main), axes)
+        weight = common.weight_read(sch, main, 1) if contiguous_j else None  # [K, N]
+        panel = weight_panel_width(int(weight.shape[1]), lanes) if weight is not None else None
+        rows, vectors = self.register_tile(sch, main, axes, lanes, panel)
+        tile_cols = lanes * vectors
         read_a, read_b, write_c = common.normalize_gemm(sch, main, rows=True)
         if sch.get_consumers(write_c):
             sch.compute_inline(write_c)
@@ -68,15 +70,17 @@ class Matmul(common.CPURule):
         if operand_b is not None:  # a copy of B (packed or padded): as [S, J/tc, K, tc] panels
             sch.transform_layout(operand_b, ("write", 0),
                                  IndexMap.from_func(lambda s, j, k: (s, j // tc, k, j % tc)))
+        elif panel is not None:  # a weight [K, N]: into panels once, at compile time
+            common.pack_weight(sch, main, 1, panel_layout(tc))
         elif common.extent(sch, sch.get_loops(main)[2]) != tc and \
                 self.enough_rows_to_pack(sch, main):
             # B read in place ([K, N] or [S, K, N]) with more than one panel of columns: copy it
-            # into [.., N/tc, K, tc] panels (with N == tc it is already one panel)
+            # into [.., N/tc, K, tc] panels (with N == tc it is already one panel), per call
             ndim = len(sch.get(main).reads[1].source.shape)
             packed = sch.cache_read(main, 1, "global")
-            panel = (lambda k, n: (n // tc, k, n % tc)) if ndim == 2 else \
+            layout = panel_layout(tc) if ndim == 2 else \
                 (lambda s, k, n: (s, n // tc, k, n % tc))
-            sch.transform_layout(packed, ("write", 0), IndexMap.from_func(panel))
+            sch.transform_layout(packed, ("write", 0), IndexMap.from_func(layout))
 
         # parallel over (batch, column strip, row tile); a task runs the strip's register tiles
         # over the whole K, so the strip's panel of B stays in cache across the row tiles
@@ -167,9 +171,13 @@ class Matmul(common.CPURule):
         kinds = list(axes["kinds"].values())
         return kinds.count("I") == 1 and kinds.count("J") == 1
 
-    def register_tile(self, sch: s_tir.Schedule, main, axes: dict, lanes: int) -> tuple[int, int]:
-        """The first tile whose row count divides the innermost row axis (the last when none
-        does, or when it is symbolic)."""
+    def register_tile(self, sch: s_tir.Schedule, main, axes: dict, lanes: int,
+                      panel: int | None = None) -> tuple[int, int]:
+        """The tile `panel` columns wide when given (a weight's panels, which the GEMV rule
+        reads too); else the first tile whose row count divides the innermost row axis (the
+        last when none does, or when it is symbolic)."""
+        if panel is not None:
+            return next((r, v) for r, v in self.TILES if v * lanes == panel)
         ivs = sch.get(main).iter_vars
         row_extents = [iv.dom.extent for iv in ivs if axes["kinds"][iv.var] == "I"]
         inner = row_extents[-1] if row_extents else None
@@ -207,3 +215,15 @@ class Matmul(common.CPURule):
         common.vectorize_innermost(sch, block, lanes)
         if isinstance(common.extent(sch, row), int):
             sch.unroll(row)
+
+
+def weight_panel_width(n: int, lanes: int) -> int | None:
+    """The panel width a weight with `n` columns is stored in (see `panel_layout`): the first
+    register tile, in the Matmul rule's order of preference, whose width divides `n`; None when
+    none does (the weight stays [K, N])."""
+    return next((v * lanes for _, v in Matmul.TILES if n % (v * lanes) == 0), None)
+
+
+def panel_layout(width: int):
+    """[K, N] -> [N / width, K, width]: each panel of `width` columns contiguous over K."""
+    return lambda k, n: (n // width, k, n % width)

@@ -75,7 +75,8 @@ class Evaluator:
                            target=target)
         with progress.step(f"compiling {function} for measuring"):
             with progress.quiet():
-                run_pipeline(sub, codegen.lowering_entries(target), well_formed_checks=False)
+                run_pipeline(sub, codegen.lowering_entries(target, weight_layouts=False),
+                             well_formed_checks=False)
             executable = codegen.build(sub.mod, target)
         self.device = tvm.cpu()
         configure_threads()
