@@ -17,6 +17,7 @@ from graft.codegen.rewrites.fast_gelu import FAST_LEGALIZATIONS
 from graft.codegen.rewrites.fuse_dequantize import FuseDequantizeGEMV
 from graft.codegen.rewrites.grouped_attention import GroupedQueryAttention
 from graft.codegen.rewrites.fold_weight_layouts import FoldWeightLayouts
+from graft.codegen.rewrites.fused_attention import FusedAttention
 from graft.codegen.rewrites.injective_copies import MarkInjectiveKernels
 from graft.codegen.rewrites.layout_free_weights import MarkLayoutFreeWeights
 from graft.codegen.rewrites.quantized_gemv import QuantizedGEMVKernel
@@ -48,6 +49,8 @@ def lowering_entries(target: tvm.target.Target, weight_layouts: bool = True) -> 
         # (CPU only: dlight's CUDA rules give the grouped product, whose row count is
         # symbolic, a stack array of symbolic size, which CUDA codegen refuses)
         *([entry("grouped_query_attention", GroupedQueryAttention())] if on_cpu else []),
+        # masked attention over a symbolic number of queries (prefill): one kernel, no scores
+        *([entry("fused_attention", FusedAttention())] if on_cpu else []),
         # softmax over a symbolic length (attention over a cache): graft's vectorized kernel
         *([entry("symbolic_softmax", SymbolicSoftmax())] if on_cpu else []),
         # CPU kernels want weights as [K, N]: transpose them once, here, not at every call

@@ -8,6 +8,7 @@ from tvm.script import ir as I
 from tvm.script import relax as R
 from tvm.script import tirx as T
 
+from graft.codegen.rewrites.fused_attention import FusedAttention
 from graft.codegen.rewrites.grouped_attention import GroupedQueryAttention
 from graft.codegen.rewrites.injective_copies import MarkInjectiveKernels
 from graft.codegen.rewrites.layout_free_weights import MarkLayoutFreeWeights
@@ -397,3 +398,98 @@ def test_weight_panels_made_once_for_prefill_and_decode():
     x = rng.standard_normal((37, 64), "float32")
     np.testing.assert_allclose(run("prefill", x), x @ w @ v, rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(run("decode", x[:1]), x[:1] @ w, rtol=1e-4, atol=1e-4)
+
+
+PREFILL_ATTENTION = """
+@I.ir_module
+class Prefill:
+    @R.function
+    def main(q: R.Tensor((1, 4, "n", 16), "float32"), k: R.Tensor((1, 2, "t", 16), "float32"),
+             v: R.Tensor((1, 2, "t", 16), "float32"), mask: R.Tensor((1, 1, "n", "t"), "bool")):
+        n, t = T.int64(), T.int64()
+        with R.dataflow():
+            ke = R.expand_dims(k, axis=[2])
+            kb = R.broadcast_to(ke, R.shape([1, 2, 2, t, 16]))
+            kr = R.reshape(kb, R.shape([1, 4, t, 16]))
+            ve = R.expand_dims(v, axis=[2])
+            vb = R.broadcast_to(ve, R.shape([1, 2, 2, t, 16]))
+            vr = R.reshape(vb, R.shape([1, 4, t, 16]))
+            kt = R.permute_dims(kr, axes=[0, 1, 3, 2])
+            s = R.matmul(q, kt)
+            sm = R.where(mask, s, R.const({fill}, "float32"))
+            p = R.nn.softmax(sm, axis=-1)
+            o = R.matmul(p, vr)
+            R.output(o)
+        return o
+"""
+
+
+def _prefill_attention(fill=-3.4028234663852886e38):
+    return tvm.script.from_source(PREFILL_ATTENTION.format(fill=repr(fill)),
+                                  extra_vars={"I": I, "R": R, "T": T})
+
+
+def test_prefill_attention_becomes_one_kernel():
+    """Scores, mask, softmax and context over repeat_kv copies: one call of graft's attention
+    kernel on the unrepeated keys and values."""
+    from graft.codegen.cpu.attention import attention_func
+
+    before = _prefill_attention()
+    n, t = tvm.tirx.Var("n", "int64"), tvm.tirx.Var("t", "int64")
+    bb = relax.BlockBuilder()
+    q = relax.Var("q", relax.TensorType([1, 4, n, 16], "float32"))
+    k = relax.Var("k", relax.TensorType([1, 2, t, 16], "float32"))
+    v = relax.Var("v", relax.TensorType([1, 2, t, 16], "float32"))
+    mask = relax.Var("mask", relax.TensorType([1, 1, n, t], "bool"))
+    with bb.function("main", [q, k, v, mask]):
+        with bb.dataflow():
+            kernel = bb.add_func(attention_func(4, 2, 16), "attention_4x2x16")
+            out = bb.emit_output(relax.call_tir(kernel, [q, k, v, mask],
+                                                relax.TensorType([1, 4, n, 16], "float32")))
+        bb.emit_func_output(out)
+    tvm.ir.assert_structural_equal(FusedAttention()(before), bb.get())
+
+
+def test_attention_with_a_mild_mask_fill_is_kept():
+    """where(mask, s, -100) still gives masked keys weight: not the kernel's semantics."""
+    before = _prefill_attention(fill=-100.0)
+    tvm.ir.assert_structural_equal(FusedAttention()(before), before)
+
+
+def test_fused_attention_equals_numpy():
+    """Causal, with a past, random masks, rows masked everywhere, lengths off the blocks:
+    the compiled prefill attention equals the unfused computation in numpy."""
+    from graft.codegen import build as codegen
+    from graft.codegen.target import resolve_target
+    from graft.passes.pipeline import run_pipeline
+
+    target = resolve_target("cpu")
+    state = CompileState(_prefill_attention(), {}, {}, target=target)
+    run_pipeline(state, codegen.lowering_entries(target))
+    assert [gv.name_hint for gv, f in state.mod.functions_items()
+            if isinstance(f, tvm.tirx.PrimFunc)] == ["attention_4x2x16"]
+    vm = relax.VirtualMachine(codegen.build(state.mod, target), tvm.cpu())
+    rng = np.random.default_rng(0)
+
+    def reference(q, k, v, mask):
+        s = q @ np.repeat(k, 2, axis=1).transpose(0, 1, 3, 2)
+        s = np.where(mask, s, np.float32(-3.4028234663852886e38))
+        e = np.exp(s - s.max(-1, keepdims=True))
+        return (e / e.sum(-1, keepdims=True)) @ np.repeat(v, 2, axis=1)
+
+    for n, past, kind in [(70, 0, "causal"), (5, 61, "causal"), (9, 3, "random"),
+                          (1, 130, "causal"), (6, 17, "empty rows")]:
+        t = past + n
+        q = rng.standard_normal((1, 4, n, 16), "float32")
+        k, v = rng.standard_normal((2, 1, 2, t, 16), "float32")
+        if kind == "causal":
+            mask = np.arange(t)[None, :] <= np.arange(n)[:, None] + past
+        elif kind == "random":
+            mask = rng.random((n, t)) > 0.5
+        else:
+            mask = np.zeros((n, t), bool)
+            mask[3:, :5] = True
+        mask = mask[None, None]
+        got = vm["main"](*[tvm.runtime.tensor(x) for x in (q, k, v, mask)]).numpy()
+        np.testing.assert_allclose(got, reference(q, k, v, mask), rtol=1e-4, atol=1e-5,
+                                   err_msg=f"n={n} past={past} {kind}")

@@ -1,0 +1,182 @@
+"""Masked attention over a symbolic number of queries and keys (prefill), in one kernel.
+
+    out[b, h] = softmax(where(mask[b, h], q[b, h] @ k[b, h // R]^T, -inf)) @ v[b, h // R]
+
+Written scheduled, flash-attention style. The keys are first copied transposed and zero-padded
+to whole blocks ([B, Hkv, D, T']: a vector of keys per head-dim element, so the score product is
+vector FMAs). Then each task takes one head and every SPREAD-th group of ROWS query rows (early
+and late rows of a causal mask alike) and walks the keys in blocks of KEYS, keeping per row a
+running maximum, sum and weighted sum of values (online softmax) in registers: the [queries,
+keys] scores are never stored. A block whose mask is false for all the rows is skipped (half
+of them for a causal mask). Values are read in place, R query heads sharing a key/value head
+(grouped-query attention without transformers' repeat_kv copies). A row whose mask is false
+everywhere gets the mean of the values, as softmax over equal scores does. exp is the fast
+approximation softmax uses elsewhere. `rewrites/fused_attention.py` routes attention here.
+Measured on SmolLM2's 256-token prefill (9 heads over 3): about 1.1 ms a layer, against about
+2.3 ms for the separate scores product, softmax, context product and repeat_kv copies.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from graft.codegen.cpu.softmax import fast_exp
+
+LANES = 16       # float32 per AVX-512 register
+KEYS = 4 * LANES  # keys per block
+ROWS = 4         # query rows at a time (their running sums stay in registers)
+SPREAD = 8       # tasks per head (each allocates its scratch once)
+LOWEST = -3.4028234663852886e38
+
+
+def _over_vectors(op, buffer, row, count):
+    """op over the `count` vectors of `buffer[row]`, lane by lane."""
+    total = buffer[row, tirx.Ramp(0, 1, LANES)]
+    for i in range(1, count):
+        total = op(total, buffer[row, tirx.Ramp(i * LANES, 1, LANES)])
+    return total
+
+
+def _across_lanes(op, vector):
+    """op over the lanes of a vector, as a tree of halves (log2(lanes) steps)."""
+    lanes = vector.ty.dtype.lanes
+    while lanes > 1:
+        lanes //= 2
+        vector = op(tirx.Shuffle([vector], [tirx.IntImm("int32", i) for i in range(lanes)]),
+                    tirx.Shuffle([vector], [tirx.IntImm("int32", i)
+                                            for i in range(lanes, 2 * lanes)]))
+    return vector
+
+
+def attention_func(heads: int, kv_heads: int, dim: int) -> tirx.PrimFunc:
+    """The kernel for `heads` query heads over `kv_heads` key/value heads of `dim` elements;
+    batch, query and key counts and the mask's broadcast dims are symbolic."""
+    vec, keys, rows_per_task, spread, group = LANES, KEYS, ROWS, SPREAD, heads // kv_heads
+    key_vectors, dim_vectors = KEYS // LANES, dim // LANES
+
+    @T.prim_func(private=True, s_tir=True)  # in a root block, as Relax's passes expect
+    def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.handle,
+                  var_out: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8,
+                     "graft.schedule_rule": "Attention"})
+        batch, n, t, mask_batch, mask_heads = T.int64(), T.int64(), T.int64(), T.int64(), \
+            T.int64()
+        q = T.match_buffer(var_q, (batch, heads, n, dim), "float32")
+        k = T.match_buffer(var_k, (batch, kv_heads, t, dim), "float32")
+        v = T.match_buffer(var_v, (batch, kv_heads, t, dim), "float32")
+        mask = T.match_buffer(var_mask, (mask_batch, mask_heads, n, t), "bool")
+        out = T.match_buffer(var_out, (batch, heads, n, dim), "float32")
+        with T.sblock("root"):
+            kt = T.alloc_buffer((batch, kv_heads, dim, (t + keys - 1) // keys * keys), "float32")
+            for task in T.parallel(batch * kv_heads * dim):  # keys transposed, zero-padded
+                for c in range((t + keys - 1) // keys * keys):
+                    kt[task // (kv_heads * dim), task // dim % kv_heads, task % dim, c] = \
+                        T.if_then_else(c < t, k[task // (kv_heads * dim), task // dim % kv_heads,
+                                                T.min(c, t - 1), task % dim], T.float32(0))
+            for task in T.parallel(batch * heads * spread):
+                b = task // (heads * spread)
+                h = task // spread % heads
+                mb = T.min(b, mask_batch - 1)
+                mh = T.min(h, mask_heads - 1)
+                g = h // group
+                top = T.decl_buffer((rows_per_task,), "float32", scope="local")
+                total = T.decl_buffer((rows_per_task,), "float32", scope="local")
+                acc = T.decl_buffer((rows_per_task, dim), "float32", scope="local")
+                score = T.decl_buffer((rows_per_task, keys), "float32", scope="local")
+                prob = T.decl_buffer((rows_per_task, keys), "float32", scope="local")
+                scalar = T.decl_buffer((rows_per_task, 4), "float32", scope="local")
+                live = T.decl_buffer((1,), "int32", scope="local")
+                # the task's row blocks: every `spread`-th, so that tasks get early (short) and
+                # late (long) rows of a causal mask alike
+                for step in range(((n + rows_per_task - 1) // rows_per_task - task % spread +
+                                   spread - 1) // spread):
+                    row0 = (task % spread + step * spread) * rows_per_task
+                    for r in T.unroll(rows_per_task):
+                        top[r] = T.float32(LOWEST)
+                        total[r] = T.float32(0)
+                        for dv in T.unroll(dim_vectors):
+                            acc[r, T.ramp(dv * vec, 1, vec)] = T.broadcast(T.float32(0), vec)
+                    for block in range((t + keys - 1) // keys):
+                        base = block * keys
+                        width = T.min(keys, t - base)
+                        live[0] = 0
+                        for r in range(T.min(rows_per_task, n - row0)):
+                            for c in range(width):
+                                live[0] = live[0] + T.Cast("int32", mask[mb, mh, row0 + r, base + c])
+                        if live[0] > 0:
+                            for r in T.unroll(rows_per_task):
+                                for kv in T.unroll(key_vectors):
+                                    score[r, T.ramp(kv * vec, 1, vec)] = T.broadcast(T.float32(0), vec)
+                            for d in range(dim):
+                                for r in T.unroll(rows_per_task):
+                                    for kv in T.unroll(key_vectors):
+                                        score[r, T.ramp(kv * vec, 1, vec)] = \
+                                            score[r, T.ramp(kv * vec, 1, vec)] + \
+                                            T.broadcast(q[b, h, T.min(row0 + r, n - 1), d], vec) * \
+                                            kt[b, g, d, T.ramp(base + kv * vec, 1, vec)]
+                            for r in T.unroll(rows_per_task):
+                                for kv in T.unroll(key_vectors):
+                                    if base + kv * vec + vec <= t:
+                                        prob[r, T.ramp(kv * vec, 1, vec)] = T.Select(
+                                            mask[mb, mh, T.min(row0 + r, n - 1),
+                                                 T.ramp(base + kv * vec, 1, vec)],
+                                            score[r, T.ramp(kv * vec, 1, vec)],
+                                            T.broadcast(T.float32(LOWEST), vec))
+                                    else:  # past the last key, or the partial vector before it
+                                        for c in range(vec):
+                                            prob[r, kv * vec + c] = T.float32(LOWEST)
+                                        for c in range(T.max(T.min(vec, t - base - kv * vec), 0)):
+                                            if mask[mb, mh, T.min(row0 + r, n - 1), base + kv * vec + c]:
+                                                prob[r, kv * vec + c] = score[r, kv * vec + c]
+                            for r in T.unroll(rows_per_task):
+                                scalar[r, 1] = T.max(top[r], _across_lanes(T.max, _over_vectors(
+                                    T.max, prob, r, key_vectors)))
+                                if scalar[r, 1] > T.float32(LOWEST):
+                                    scalar[r, 2] = fast_exp(top[r] - scalar[r, 1])
+                                    top[r] = scalar[r, 1]
+                                    for kv in T.unroll(key_vectors):
+                                        prob[r, T.ramp(kv * vec, 1, vec)] = T.Select(
+                                            prob[r, T.ramp(kv * vec, 1, vec)] >
+                                            T.broadcast(T.float32(LOWEST), vec),
+                                            fast_exp(prob[r, T.ramp(kv * vec, 1, vec)] -
+                                                     T.broadcast(scalar[r, 1], vec)),
+                                            T.broadcast(T.float32(0), vec))
+                                    total[r] = total[r] * scalar[r, 2] + _across_lanes(
+                                        tirx.Add, _over_vectors(tirx.Add, prob, r, key_vectors))
+                                    for dv in T.unroll(dim_vectors):
+                                        acc[r, T.ramp(dv * vec, 1, vec)] = \
+                                            acc[r, T.ramp(dv * vec, 1, vec)] * \
+                                            T.broadcast(scalar[r, 2], vec)
+                                else:
+                                    for kv in T.unroll(key_vectors):
+                                        prob[r, T.ramp(kv * vec, 1, vec)] = \
+                                            T.broadcast(T.float32(0), vec)
+                            for c in range(width):
+                                for r in T.unroll(rows_per_task):
+                                    for dv in T.unroll(dim_vectors):
+                                        acc[r, T.ramp(dv * vec, 1, vec)] = \
+                                            acc[r, T.ramp(dv * vec, 1, vec)] + \
+                                            T.broadcast(prob[r, c], vec) * \
+                                            v[b, g, base + c, T.ramp(dv * vec, 1, vec)]
+                    for r in T.unroll(rows_per_task):
+                        if row0 + r >= n:
+                            pass
+                        elif total[r] > T.float32(0):
+                            scalar[r, 0] = T.float32(1) / total[r]
+                            for dv in T.unroll(dim_vectors):
+                                out[b, h, row0 + r, T.ramp(dv * vec, 1, vec)] = \
+                                    acc[r, T.ramp(dv * vec, 1, vec)] * T.broadcast(scalar[r, 0], vec)
+                        else:  # masked everywhere: softmax of equal scores, the mean of v
+                            for dv in T.unroll(dim_vectors):
+                                acc[r, T.ramp(dv * vec, 1, vec)] = T.broadcast(T.float32(0), vec)
+                            for c in range(t):
+                                for dv in T.unroll(dim_vectors):
+                                    acc[r, T.ramp(dv * vec, 1, vec)] = acc[r, T.ramp(dv * vec, 1, vec)] + \
+                                        v[b, g, c, T.ramp(dv * vec, 1, vec)]
+                            for dv in T.unroll(dim_vectors):
+                                out[b, h, row0 + r, T.ramp(dv * vec, 1, vec)] = \
+                                    acc[r, T.ramp(dv * vec, 1, vec)] * \
+                                    T.broadcast(T.float32(1) / T.Cast("float32", t), vec)
+
+    return attention
