@@ -103,11 +103,13 @@ def attention_func(heads: int, kv_heads: int, dim: int) -> tirx.PrimFunc:
                         live[0] = 0
                         for r in range(T.min(rows_per_task, n - row0)):
                             for c in range(width):
-                                live[0] = live[0] + T.Cast("int32", mask[mb, mh, row0 + r, base + c])
+                                live[0] = live[0] + T.Cast("int32",
+                                                           mask[mb, mh, row0 + r, base + c])
                         if live[0] > 0:
                             for r in T.unroll(rows_per_task):
                                 for kv in T.unroll(key_vectors):
-                                    score[r, T.ramp(kv * vec, 1, vec)] = T.broadcast(T.float32(0), vec)
+                                    score[r, T.ramp(kv * vec, 1, vec)] = \
+                                        T.broadcast(T.float32(0), vec)
                             for d in range(dim):
                                 for r in T.unroll(rows_per_task):
                                     for kv in T.unroll(key_vectors):
@@ -127,7 +129,8 @@ def attention_func(heads: int, kv_heads: int, dim: int) -> tirx.PrimFunc:
                                         for c in range(vec):
                                             prob[r, kv * vec + c] = T.float32(LOWEST)
                                         for c in range(T.max(T.min(vec, t - base - kv * vec), 0)):
-                                            if mask[mb, mh, T.min(row0 + r, n - 1), base + kv * vec + c]:
+                                            if mask[mb, mh, T.min(row0 + r, n - 1),
+                                                    base + kv * vec + c]:
                                                 prob[r, kv * vec + c] = score[r, kv * vec + c]
                             for r in T.unroll(rows_per_task):
                                 scalar[r, 1] = T.max(top[r], _across_lanes(T.max, _over_vectors(
@@ -166,13 +169,15 @@ def attention_func(heads: int, kv_heads: int, dim: int) -> tirx.PrimFunc:
                             scalar[r, 0] = T.float32(1) / total[r]
                             for dv in T.unroll(dim_vectors):
                                 out[b, h, row0 + r, T.ramp(dv * vec, 1, vec)] = \
-                                    acc[r, T.ramp(dv * vec, 1, vec)] * T.broadcast(scalar[r, 0], vec)
+                                    acc[r, T.ramp(dv * vec, 1, vec)] * \
+                                    T.broadcast(scalar[r, 0], vec)
                         else:  # masked everywhere: softmax of equal scores, the mean of v
                             for dv in T.unroll(dim_vectors):
                                 acc[r, T.ramp(dv * vec, 1, vec)] = T.broadcast(T.float32(0), vec)
                             for c in range(t):
                                 for dv in T.unroll(dim_vectors):
-                                    acc[r, T.ramp(dv * vec, 1, vec)] = acc[r, T.ramp(dv * vec, 1, vec)] + \
+                                    acc[r, T.ramp(dv * vec, 1, vec)] = \
+                                        acc[r, T.ramp(dv * vec, 1, vec)] + \
                                         v[b, g, c, T.ramp(dv * vec, 1, vec)]
                             for dv in T.unroll(dim_vectors):
                                 out[b, h, row0 + r, T.ramp(dv * vec, 1, vec)] = \

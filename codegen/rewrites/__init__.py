@@ -7,6 +7,13 @@ def shape_dims(expr) -> list | None:
     return list(shape.values) if shape is not None and hasattr(shape, "values") else None
 
 
+def provably_equal(a, b) -> bool:
+    """Whether two shape dimensions (ints or symbolic expressions) are provably equal."""
+    import tvm
+
+    return tvm.sym.Analyzer().can_prove_equal(a, b)
+
+
 def replace_functions(mod, updates: dict):
     """`mod` with the functions in `updates` (global var -> function) replaced; `mod` itself
     when there are none."""

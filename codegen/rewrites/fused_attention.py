@@ -20,8 +20,7 @@ from tvm import relax, tirx
 from tvm.relax.dpl import is_const, is_op, wildcard
 
 from graft.codegen.cpu.attention import LANES, attention_func
-from graft.codegen.rewrites import mutate_relax_functions, shape_dims
-from graft.codegen.rewrites.grouped_attention import _same
+from graft.codegen.rewrites import mutate_relax_functions, provably_equal, shape_dims
 
 LOWEST_MASK_FILL = -1e30
 
@@ -71,12 +70,14 @@ def _attention_shapes(call: relax.Call, matches: dict):
     if int(heads) != int(kv_heads) * k_count or int(dim) % LANES:
         return None
     # v's length may be a symbol of its own (transformers' export gives the past keys and
-    # values separate lengths): the kernel binds it to the keys' at run time, and says so
-    if not (_same(b, kb) and _same(dim, kdim)
-            and all(_same(x, y) for x, y in zip([kb, kv_heads, kdim], vdims[:2] + vdims[3:]))
-            and _same(mdims[2], n) and _same(mdims[3], t)
-            and any(_same(mdims[0], x) for x in (1, b))
-            and any(_same(mdims[1], x) for x in (1, heads))):
+    # values separate lengths): the kernel takes both as one length, which TVM checks when
+    # the kernel is called
+    same = provably_equal
+    if not (same(b, kb) and same(dim, kdim)
+            and all(same(x, y) for x, y in zip([kb, kv_heads, kdim], vdims[:2] + vdims[3:]))
+            and same(mdims[2], n) and same(mdims[3], t)
+            and any(same(mdims[0], x) for x in (1, b))
+            and any(same(mdims[1], x) for x in (1, heads))):
         return None
     axes = matches[key_t].attrs.axes
     if axes is None or [int(a) for a in axes] != [0, 1, 3, 2] or \
@@ -107,14 +108,14 @@ class _Attention(relax.PyExprMutator):
         call = super().visit_call_(call)
         if not ATTENTION.match(call, self.bindings):
             return call
-        found = _attention_shapes(call, ATTENTION.extract_matched_expr(call, self.bindings))
+        matches = ATTENTION.extract_matched_expr(call, self.bindings)
+        found = _attention_shapes(call, matches)
         if found is None:
             return call
         q, k, v, heads, kv_heads, dim = found
         if (heads, kv_heads, dim) not in self.kernels:
             self.kernels[heads, kv_heads, dim] = self.builder_.add_func(
                 attention_func(heads, kv_heads, dim), f"attention_{heads}x{kv_heads}x{dim}")
-        matches = ATTENTION.extract_matched_expr(call, self.bindings)
         b, _, n, _ = shape_dims(q)
         return relax.call_tir(self.kernels[heads, kv_heads, dim], [q, k, v, matches[mask]],
                               relax.TensorType([b, heads, n, dim], "float32"))

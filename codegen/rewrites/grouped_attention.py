@@ -28,7 +28,7 @@ import tvm
 from tvm import relax, tirx
 from tvm.relax.dpl import is_op, rewrite_call, wildcard
 
-from graft.codegen.rewrites import shape_dims
+from graft.codegen.rewrites import provably_equal, shape_dims
 
 kv = wildcard()
 expanded = is_op("relax.expand_dims")(kv)
@@ -38,10 +38,6 @@ transposed = is_op("relax.permute_dims")(repeated)
 scores_lhs, context_lhs = wildcard(), wildcard()
 SCORES = is_op("relax.matmul")(scores_lhs, transposed)
 CONTEXT = is_op("relax.matmul")(context_lhs, repeated)
-
-
-def _same(a, b) -> bool:
-    return tvm.sym.Analyzer().can_prove_equal(a, b)
 
 
 def _repeat_count(matches: dict) -> int | None:
@@ -56,10 +52,11 @@ def _repeat_count(matches: dict) -> int | None:
         return None
     count = int(wide[2])
     b, heads, seq, dim = source
-    if not (all(_same(x, y) for x, y in zip([b, heads, seq, dim], [wide[0], wide[1], wide[3],
-                                                                       wide[4]]))
-            and len(flat) == 4 and _same(flat[1], heads * count)
-            and all(_same(x, y) for x, y in zip([b, seq, dim], [flat[0], flat[2], flat[3]]))):
+    same = provably_equal
+    if not (all(same(x, y) for x, y in zip([b, heads, seq, dim], [wide[0], wide[1], wide[3],
+                                                                   wide[4]]))
+            and len(flat) == 4 and same(flat[1], heads * count)
+            and all(same(x, y) for x, y in zip([b, seq, dim], [flat[0], flat[2], flat[3]]))):
         return None
     return count
 
@@ -72,7 +69,7 @@ def _grouped(call: relax.Call, matches: dict, lhs_pattern, rhs_of) -> relax.Expr
     if not isinstance(lhs[2], tirx.IntImm):
         return call  # a symbolic number of query rows (prefill): see the module docstring
     b, heads, seq, dim = shape_dims(matches[kv])
-    if not (_same(lhs[0], b) and _same(lhs[1], heads * count)):
+    if not (provably_equal(lhs[0], b) and provably_equal(lhs[1], heads * count)):
         return call
     split = relax.op.reshape(matches[lhs_pattern], [b, heads, count, lhs[2], lhs[3]])
     shared = relax.op.reshape(matches[kv], [b, heads, 1, seq, dim])
