@@ -37,6 +37,47 @@ def smollm(tmp_path_factory):
     return model, tokenizer, artifact
 
 
+def test_loaded_weights_are_the_files(smollm):
+    """The loader reads the .gguf once (`gguf_parsed_once`): the weights must still be the
+    file's, dequantized by gguf's own reader outside that block."""
+    import gguf
+    import numpy as np
+
+    model = smollm[0]
+    tensors = {t.name: t for t in gguf.GGUFReader(gguf_path()).tensors}
+    for name, weight in (("token_embd.weight", model.model.embed_tokens.weight),
+                         ("blk.3.ffn_down.weight", model.model.layers[3].mlp.down_proj.weight),
+                         ("blk.29.ffn_up.weight", model.model.layers[29].mlp.up_proj.weight)):
+        expected = gguf.dequantize(tensors[name].data, tensors[name].tensor_type)
+        np.testing.assert_array_equal(weight.detach().numpy(), expected.astype(np.float32),
+                                      err_msg=name)
+
+
+def test_gguf_parsed_once_shares_one_reader_and_restores(tmp_path):
+    import gguf
+    import numpy as np
+
+    from graft.frontend.causal_lm import gguf_parsed_once
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_tensor("token_embd.weight", np.arange(12, dtype=np.float32).reshape(3, 4))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    original = gguf.GGUFReader
+    with gguf_parsed_once():
+        first = gguf.GGUFReader(str(path))
+        assert gguf.GGUFReader(str(path)) is first
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is \
+            gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+    assert gguf.GGUFReader is original
+    assert gguf.GGUFReader(str(path)) is not gguf.GGUFReader(str(path))
+    np.testing.assert_array_equal(first.tensors[0].data.reshape(3, 4),
+                                  np.arange(12, dtype=np.float32).reshape(3, 4))
+
+
 def reference_ids(model, tokenizer, prompt):
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
