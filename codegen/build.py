@@ -25,8 +25,9 @@ from graft.codegen.rewrites.symbolic_softmax import SymbolicSoftmax
 from graft.codegen.rewrites.matmul_broadcast import MatmulBroadcastWeight
 from graft.codegen.rewrites.prepack_weights import PrepackWeights
 from graft.codegen.schedule import ScheduleKernels
+from graft.codegen.tune import TuneKernels
 from graft.passes.pipeline import Entry, entry
-from graft.runtime.errors import BuildError
+from graft.runtime.errors import BuildError, GraftError
 
 
 def schedule_rules(target: tvm.target.Target):
@@ -36,12 +37,17 @@ def schedule_rules(target: tvm.target.Target):
     return cpu.rules()
 
 
-def lowering_entries(target: tvm.target.Target, weight_layouts: bool = True) -> list[Entry]:
+def lowering_entries(target: tvm.target.Target, weight_layouts: bool = True,
+                     tune: int | None = None, tune_dir=None) -> list[Entry]:
     """Legalize Relax ops into TIR, fuse, and schedule the kernels for the target. Without
     `weight_layouts`, the compiled functions take every weight in the module's own layout (for
-    callers that swap weights in by name, such as Quantize's measurements)."""
+    callers that swap weights in by name, such as Quantize's measurements). `tune`: trials of
+    MetaSchedule per kernel (CPU), with its database in `tune_dir` (see `tune.py`)."""
     on_cpu = target.kind.name == "llvm"
     weight_layouts = weight_layouts and on_cpu
+    if tune is not None and not on_cpu:
+        raise GraftError(f"--tune measures kernels on this machine, so it needs a CPU target; "
+                         f"the target is {target.kind.name}")
     return [
         # matmul(x, broadcast_to(W)) reads W directly instead of a batch of copies
         entry("matmul_broadcast_weight", MatmulBroadcastWeight()),
@@ -77,6 +83,9 @@ def lowering_entries(target: tvm.target.Target, weight_layouts: bool = True) -> 
         # a one-row matmul expands its packed weight as it streams it (quantized models)
         *([entry("fuse_dequantize_gemv", FuseDequantizeGEMV())] if on_cpu else []),
         entry("dead_code_elimination", relax.transform.DeadCodeElimination()),
+        # optional: MetaSchedule's search, kept per kernel where it beats graft's rule
+        *([TuneKernels(tune, schedule_rules(target), tune_dir).as_entry()]
+          if tune is not None else []),
         # kernels learn which inputs are weights: a rule may read those in a layout of its own
         *([MarkLayoutFreeWeights().as_entry()] if weight_layouts else []),
         # every kernel: graft's schedule rules for the target

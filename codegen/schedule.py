@@ -39,19 +39,9 @@ class ScheduleKernels(GraftPass):
                     rule = str(func.attrs["graft.schedule_rule"])
                     counts[rule] = counts.get(rule, 0) + 1
                 continue
-            rule_name, scheduled = None, None
-            with target:
-                for rule in self.rules:
-                    try:
-                        sch = rule.apply(func, target, False)
-                    except Exception as err:  # noqa: BLE001 - a rule that cannot: try the next
-                        failures[gv.name_hint] = f"{type(rule).__name__}: {_first_line(err)}"
-                        continue
-                    if sch is None:
-                        continue
-                    sch = sch[0] if isinstance(sch, list) else sch
-                    rule_name, scheduled = type(rule).__name__, sch.mod["main"]
-                    break
+            rule_name, scheduled, failure = apply_rules(self.rules, func, target)
+            if failure is not None:
+                failures[gv.name_hint] = failure
             if scheduled is None:
                 generic.append(gv.name_hint)
                 continue
@@ -63,6 +53,24 @@ class ScheduleKernels(GraftPass):
         state.mod = mod
         return {"rules": counts, "generic_kernels": sorted(generic),
                 "rule_failures": failures}
+
+
+def apply_rules(rules: list, func: tirx.PrimFunc, target) -> tuple:
+    """(rule name, scheduled PrimFunc, last failure) from the first rule that schedules
+    `func`; (None, None, failure) when none does."""
+    failure = None
+    with target:
+        for rule in rules:
+            try:
+                sch = rule.apply(func, target, False)
+            except Exception as err:  # noqa: BLE001 - a rule that cannot: try the next
+                failure = f"{type(rule).__name__}: {_first_line(err)}"
+                continue
+            if sch is None:
+                continue
+            sch = sch[0] if isinstance(sch, list) else sch
+            return type(rule).__name__, sch.mod["main"], failure
+    return None, None, failure
 
 
 def _is_scheduled(func: tirx.PrimFunc) -> bool:

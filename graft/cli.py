@@ -63,6 +63,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scores", action="store_true",
                    help="causal LMs: also compile `score`, the logits of every position "
                         "(perplexity; needed to quantize a language model to a perplexity budget)")
+    p.add_argument("--tune", type=int, metavar="TRIALS",
+                   help="CPU: search schedules with MetaSchedule, TRIALS per kernel with static "
+                        "shapes, keeping a tuned kernel only where it measured faster than "
+                        "graft's own; slow (tens of seconds a trial). Records are kept in "
+                        "--tune-dir for later compiles; --tune 0 only applies them")
+    p.add_argument("--tune-dir", metavar="DIR",
+                   help="tuning database directory (default: $GRAFT_TUNE_DIR or "
+                        "~/.cache/graft/tuning)")
     q = p.add_argument_group("quantization (linear layers)")
     q.add_argument("--quantize", choices=["int8", "int4", "fp16", "w8a8"],
                    help="int8: weights per output channel, symmetric; int4: weights group-wise "
@@ -155,7 +163,8 @@ def _compile(args) -> int:
     calibration = _calibration(args.calibration) if args.calibration else None
     compiled = graft.compile(args.model, input_specs=args.input or None, target=target,
                              dump_dir=args.dump_dir, max_seq_len=args.max_seq_len,
-                             passes=passes, calibration=calibration, scores=args.scores)
+                             passes=passes, calibration=calibration, scores=args.scores,
+                             tune=args.tune, tune_dir=args.tune_dir)
     path = compiled.save(args.output)
     print(f"wrote {path}")
     for name, sig in compiled.signatures.items():

@@ -44,7 +44,7 @@ class CompiledModel:
 def compile(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None,  # noqa: A001
             target="cpu", passes=(), calibration=None, dump_dir=None, converters=None,
             task: str | None = None, max_seq_len: int | None = None,
-            scores: bool = False) -> CompiledModel:
+            scores: bool = False, tune: int | None = None, tune_dir=None) -> CompiledModel:
     """Compile `model` for `target`.
 
     model: torch.nn.Module (with example_inputs), torch.export.ExportedProgram, a path to a
@@ -63,6 +63,10 @@ def compile(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None
         transformers *ForCausalLM models, HF directories and .gguf files).
     scores: causal LMs: also compile `score`, the logits of every position (perplexity; what
         Quantize measures a language model with).
+    tune: CPU: MetaSchedule trials per kernel with static shapes (see codegen/tune.py); a
+        tuned kernel replaces graft's own only where it measured faster. 0 applies the
+        records in `tune_dir` (default $GRAFT_TUNE_DIR or ~/.cache/graft/tuning) without
+        searching.
     """
     started = time.perf_counter()
     tvm_target = resolve_target(target)
@@ -83,7 +87,8 @@ def compile(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None
         dumper.after(0, Entry("import", None, {"frontend": imported.source.get("frontend")}),
                      state, time.perf_counter() - started, {"functions": list(imported.signatures)})
     user_entries = [_as_entry(p) for p in passes]
-    records = run_pipeline(state, user_entries + codegen.lowering_entries(tvm_target), dumper)
+    lowering = codegen.lowering_entries(tvm_target, tune=tune, tune_dir=tune_dir)
+    records = run_pipeline(state, user_entries + lowering, dumper)
     user_records, lowering = records[:len(user_entries)], records[len(user_entries):]
     with progress.step(f"generating code for {tvm_target.kind.name}"):
         executable = codegen.build(state.mod, tvm_target)
@@ -207,13 +212,17 @@ def _example_dims(imported: ImportedModel) -> dict[str, int]:
 
 
 def _kernel_report(lowering_records: list) -> dict:
-    """Which schedule rule took how many kernels, and which got only the generic fallback."""
+    """Which schedule rule took how many kernels, which got only the generic fallback, and
+    (with --tune) which tuned kernels replaced graft's and the times measured."""
+    report = {}
     for record in lowering_records:
+        did = record.get("did", {})
         if record["pass"] == "schedule":
-            did = record.get("did", {})
-            return {"rules": did.get("rules", {}),
-                    "generic_kernels": did.get("generic_kernels", [])}
-    return {}
+            report.update({"rules": did.get("rules", {}),
+                           "generic_kernels": did.get("generic_kernels", [])})
+        elif record["pass"] == "tune":
+            report["tuning"] = did
+    return report
 
 
 def _used_params(state: CompileState) -> dict[str, np.ndarray]:
