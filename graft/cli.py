@@ -96,6 +96,18 @@ def _parser() -> argparse.ArgumentParser:
                    help="calibration samples: an .npz with one array per input name whose "
                         "first axis counts samples (a causal LM: input_ids [samples, tokens]), "
                         "or a directory of .npz files, one sample each")
+    s = p.add_argument_group("sparsity (structured pruning, before quantization)")
+    s.add_argument("--sparsify", choices=["ffn_channels"],
+                   help="ffn_channels: remove whole intermediate channels of every "
+                        "feed-forward block, ranked by activation x weight norm on "
+                        "--calibration (weight norms without it), the kept down-projection "
+                        "refitted by least squares; the dense products shrink")
+    s.add_argument("--sparsity", type=float, metavar="FRACTION",
+                   help="fraction of each block's channels to remove (or give "
+                        "--sparsify-budget to search the most that budget allows)")
+    s.add_argument("--sparsify-budget", metavar="METRIC<=|>=VALUE",
+                   help="accuracy budget for --sparsify, measured on --calibration like "
+                        "--budget")
     p.set_defaults(handler=_compile)
 
     p = sub.add_parser("run", parents=[common], help="run an artifact on inputs from a .npz file")
@@ -142,6 +154,13 @@ def _compile(args) -> int:
         except json.JSONDecodeError as err:
             raise GraftError(f"--target {args.target!r} is not valid JSON: {err}") from None
     passes = []
+    if args.sparsify:
+        from graft import passes as P
+
+        passes.append(P.Sparsify(args.sparsify, ratio=args.sparsity,
+                                 budget=args.sparsify_budget))
+    elif args.sparsity is not None or args.sparsify_budget:
+        raise GraftError("--sparsity and --sparsify-budget go with --sparsify")
     if args.quantize:
         from graft import passes as P
 
@@ -157,9 +176,9 @@ def _compile(args) -> int:
                                  fallback=args.fallback,
                                  smooth_alpha=None if alpha == "none" else alpha,
                                  activations=args.activations))
-    elif args.budget or args.calibration:
+    elif args.budget or (args.calibration and not args.sparsify):
         raise GraftError("--budget and --calibration go with a pass that uses them "
-                         "(--quantize)")
+                         "(--quantize, or --sparsify for --calibration)")
     calibration = _calibration(args.calibration) if args.calibration else None
     compiled = graft.compile(args.model, input_specs=args.input or None, target=target,
                              dump_dir=args.dump_dir, max_seq_len=args.max_seq_len,

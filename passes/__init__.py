@@ -2,5 +2,6 @@
 
 from graft.passes.pipeline import CompileState, Entry, GraftPass, entry, run_pipeline
 from graft.passes.quantize import Quantize
+from graft.passes.sparsify import Sparsify
 
-__all__ = ["CompileState", "Entry", "GraftPass", "Quantize", "entry", "run_pipeline"]
+__all__ = ["CompileState", "Entry", "GraftPass", "Quantize", "Sparsify", "entry", "run_pipeline"]

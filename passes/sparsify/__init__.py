@@ -1,0 +1,319 @@
+"""Sparsify: structured pruning of feed-forward channels, within an accuracy budget.
+
+    P.Sparsify("ffn_channels", budget="cosine>=0.95")      # the most channels the budget allows
+    P.Sparsify("ffn_channels", ratio=0.5)                  # half of every block's channels
+
+Each feed-forward block's intermediate channels (see `ffn`) are ranked by importance:
+
+- "activation" (default with calibration data; Wanda's |W| * ||X|| taken per channel): the
+  root mean square of the channel's activation on calibration data times the norm of its
+  column of the down projection, i.e. how much the channel adds to the block's output;
+- "magnitude": the norms of the channel's rows of the up projections times that column's.
+
+The least important channels of every block are removed (the same fraction in each block,
+rounded to whole vectors of `multiple` channels), so the dense products shrink: no sparse
+kernel is needed and every target gets faster. With calibration data the kept columns of the
+down projection and its bias are refitted by least squares (ridge) so that the block's output
+on the calibration activations stays as close as it can to the original's: a training-free
+reconstruction step (`correct=False` turns it off).
+
+With a budget, the pass searches (binary search over the fraction removed) the largest
+fraction whose measured accuracy holds on the calibration samples, then checks the held-out
+ones, as Quantize does (see `passes/quantize/evaluate.py`). The samples the search uses are
+split in two: the first half's activations rank the channels and fit the refit, the second
+half measures (a refit measured on the rows it was fitted to looks better than it is). The
+original function is compiled once, and a candidate is measured with its removed channels'
+columns of the down projection set to zero, which computes exactly what the shrunk block
+computes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from graft import progress
+from graft.passes.pipeline import CompileState, GraftPass
+from graft.passes.quantize.activations import collect_activations
+from graft.passes.quantize.evaluate import METRICS, Budget, Evaluator
+from graft.passes.sparsify.ffn import (FFNBlock, find_ffn_blocks, resize_weights, shapes_of,
+                                       take_channels)
+from graft.runtime.errors import GraftError
+
+PATTERNS = ("ffn_channels",)
+IMPORTANCES = ("activation", "magnitude")
+CALIBRATION_ROWS = 4096  # activation rows per block kept for the least-squares refit
+RIDGE = 1e-3             # ridge strength, relative to the mean diagonal of X^T X
+
+
+class Sparsify(GraftPass):
+    """Structured pruning of feed-forward channels.
+
+    pattern: "ffn_channels" (whole channels of every feed-forward block's intermediate
+        dimension; the products shrink).
+    ratio: fraction of each block's channels to remove; with a budget, the largest fraction
+        the budget allows is searched instead (up to `max_ratio`).
+    budget: "cosine>=C", "top1>=A" or "perplexity<=R", measured on calibration data against
+        the original model (needs calibration data).
+    importance: "activation" (needs calibration data) or "magnitude"; default: activation
+        when calibration data is given.
+    correct: refit the kept down-projection columns and bias by least squares on calibration
+        activations (default: whenever calibration data is given).
+    multiple: channels kept per block are a multiple of this (whole vectors for the kernels).
+    held_out: fraction of the calibration samples kept aside for the final figure.
+    """
+
+    name = "sparsify"
+
+    def __init__(self, pattern: str = "ffn_channels", *, ratio: float | None = None,
+                 budget: str | None = None, importance: str | None = None,
+                 correct: bool | None = None, multiple: int = 16, max_ratio: float = 0.9,
+                 held_out: float = 0.25):
+        if pattern not in PATTERNS:
+            raise GraftError(f"sparsify pattern {pattern!r} is not known: expected one of "
+                             f"{', '.join(PATTERNS)}")
+        if ratio is None and budget is None:
+            raise GraftError("sparsify needs a ratio (the fraction of channels to remove) or "
+                             "an accuracy budget to search it under")
+        if ratio is not None and not 0 <= ratio < 1:
+            raise GraftError(f"sparsify ratio {ratio!r}: expected a fraction from 0 to below 1")
+        if importance is not None and importance not in IMPORTANCES:
+            raise GraftError(f"sparsify importance {importance!r} is not known: expected one "
+                             f"of {', '.join(IMPORTANCES)}")
+        if not 0 < max_ratio < 1:
+            raise GraftError(f"sparsify max_ratio {max_ratio!r}: expected a fraction below 1")
+        self.pattern, self.ratio = pattern, ratio
+        self.budget = Budget(budget) if budget is not None else None
+        self.importance, self.correct = importance, correct
+        self.multiple, self.max_ratio, self.held_out = int(multiple), max_ratio, held_out
+
+    def options(self) -> dict:
+        return {"pattern": self.pattern, "ratio": self.ratio,
+                "budget": str(self.budget) if self.budget else None,
+                "importance": self.importance, "correct": self.correct,
+                "multiple": self.multiple}
+
+    def run(self, state: CompileState) -> dict:
+        function = _measured_function(state)
+        blocks = find_ffn_blocks(state.mod[function], state.signatures[function])
+        if not blocks:
+            raise GraftError(f"sparsify found no feed-forward block in {function!r} (matmul, "
+                             "optional bias, activation or gated product, matmul)")
+        calibrated = bool(state.calibration)
+        importance = self.importance or ("activation" if calibrated else "magnitude")
+        correct = calibrated if self.correct is None else self.correct
+        if (importance == "activation" or correct or self.budget) and not calibrated:
+            raise GraftError("sparsify: activation importance, the least-squares correction and "
+                             "an accuracy budget need calibration data (calibration= / "
+                             "--calibration)")
+        search, held_out = self._split(state.calibration) if calibrated else ([], [])
+        # the refit is fitted on one half of the search samples and the search measures on the
+        # other half: measured on the rows it was fitted to, it looks better than it is
+        fit, search = (search[:len(search) // 2], search[len(search) // 2:]) \
+            if len(search) > 1 else (search, search)
+        hidden = self._hidden_activations(state, function, blocks, fit) if calibrated else {}
+        shapes = shapes_of(state.mod[function], state.signatures[function])
+        for block in blocks:
+            block.width = shapes[block.down.name][block.down.axis]
+        order = {block.name: np.argsort(-self._channel_importance(
+            state, block, importance, hidden.get(block.name))) for block in blocks}
+
+        def plan(ratio: float) -> dict:
+            """Kept channels (sorted) and refitted down weights of every block at `ratio`."""
+            kept = {}
+            for block in blocks:
+                count = _kept_count(block.width, ratio, self.multiple)
+                kept[block.name] = np.sort(order[block.name][:count])
+            return kept
+
+        measured: dict = {}
+        if self.budget is not None:
+            ratio, measured = self._search(state, function, blocks, plan, hidden, correct,
+                                           search, held_out)
+        else:
+            ratio = self.ratio
+            if calibrated:
+                measured = self._measure(state, function, blocks, plan(ratio), hidden, correct,
+                                         search, held_out)
+        kept = plan(ratio)
+        before = sum(_block_bytes(state, b) for b in blocks)
+        new_shapes = {}
+        for block in blocks:
+            index = kept[block.name]
+            down, down_bias = self._down_weights(state, block, index, hidden.get(block.name),
+                                                 correct, zeroed=False)
+            for slot in block.ups:
+                state.params[slot.name] = take_channels(state.params[slot.name], slot.axis,
+                                                        index)
+            for name in block.up_biases:
+                state.params[name] = take_channels(state.params[name], 0, index)
+            state.params[block.down.name] = down
+            if block.down_bias is not None:
+                state.params[block.down_bias] = down_bias
+            for name in [s.name for s in block.ups] + block.up_biases + [block.down.name]:
+                new_shapes[name] = state.params[name].shape
+        resize_weights(state, new_shapes)
+        after = sum(_block_bytes(state, b) for b in blocks)
+        return {
+            "pattern": self.pattern, "importance": importance, "corrected": bool(correct),
+            "ratio": round(float(ratio), 4),
+            "sparsity": round(1 - sum(len(v) for v in kept.values()) /
+                              sum(b.width for b in blocks), 4),
+            "weight_bytes": {"before": int(before), "after": int(after)},
+            **measured,
+            "layers": {b.name: {"channels": b.width, "kept": int(len(kept[b.name])),
+                                "sparsity": round(1 - len(kept[b.name]) / b.width, 4),
+                                "up": [s.name for s in b.ups]} for b in blocks},
+        }
+
+    # --- importance, refit -----------------------------------------------------------------
+
+    def _channel_importance(self, state, block: FFNBlock, importance: str, hidden) -> np.ndarray:
+        down = _channels_last(state.params[block.down.name], block.down.axis)  # [N out, width]
+        column_norms = np.linalg.norm(down.astype(np.float64), axis=0)
+        if importance == "activation":
+            return np.sqrt(hidden[1].astype(np.float64)) * column_norms
+        up_norms = np.ones(block.width)
+        for slot in block.ups:  # the norm of each channel's row (column, stored [K, N])
+            up_norms = up_norms * np.linalg.norm(state.params[slot.name].astype(np.float64),
+                                                 axis=1 - slot.axis)
+        return up_norms ** (1 / len(block.ups)) * column_norms
+
+    def _down_weights(self, state, block: FFNBlock, kept: np.ndarray, hidden, correct: bool,
+                      zeroed: bool) -> tuple:
+        """The down projection (and its bias) for the kept channels: refitted by least squares
+        when `correct`. `zeroed`: in the original shape, removed channels' columns zero (what
+        the measurements run); otherwise only the kept columns, in the stored layout."""
+        stored = state.params[block.down.name]
+        down = _channels_last(stored, block.down.axis).astype(np.float64)  # [N out, width]
+        bias = state.params[block.down_bias].astype(np.float64) \
+            if block.down_bias is not None else None
+        new_down, new_bias = down[:, kept], bias
+        if correct and hidden is not None and len(kept) < block.width:
+            rows = hidden[0].astype(np.float64)                 # [rows, width]
+            target = rows @ down.T                              # the block's original output
+            a = rows[:, kept]
+            if bias is not None:
+                a = np.concatenate([a, np.ones((len(a), 1))], axis=1)
+            gram = a.T @ a
+            gram[np.diag_indices_from(gram)] += RIDGE * max(np.mean(np.diag(gram)), 1e-12)
+            solution = np.linalg.solve(gram, a.T @ target)      # [kept (+1), N out]
+            new_down = solution[:len(kept)].T
+            if bias is not None:
+                new_bias = bias + solution[len(kept)]
+        if zeroed:
+            full = np.zeros_like(down)
+            full[:, kept] = new_down
+            new_down = full
+        out = np.ascontiguousarray(_from_channels_last(new_down, block.down.axis)
+                                   .astype(stored.dtype))
+        return out, (new_bias.astype(stored.dtype) if new_bias is not None else None)
+
+    def _hidden_activations(self, state, function, blocks, samples) -> dict:
+        """name -> (rows of the block's intermediate activation, mean square per channel)."""
+        groups = [(block.hidden, block.name) for block in blocks]
+        found = collect_activations(state, function, groups, samples,
+                                    rows_kept=CALIBRATION_ROWS)
+        return {block.name: (rows, mean_square)
+                for block, (_, rows, mean_square) in zip(blocks, found)}
+
+    # --- measuring, search -----------------------------------------------------------------
+
+    def _split(self, calibration) -> tuple[list, list]:
+        samples = list(calibration)
+        held = max(1, int(round(len(samples) * self.held_out))) if len(samples) > 1 else 0
+        return samples[:len(samples) - held], samples[len(samples) - held:]
+
+    def _metric(self, function: str) -> str:
+        if self.budget is not None:
+            return self.budget.metric
+        return {"score": "perplexity", "prefill": "top1"}.get(function, "cosine")
+
+    def _weights_at(self, state, evaluator, blocks, kept, hidden, correct) -> dict:
+        weights = {}
+        for block in blocks:
+            down, down_bias = self._down_weights(state, block, kept[block.name],
+                                                 hidden.get(block.name), correct, zeroed=True)
+            weights[block.down.name] = evaluator.weight(down)
+            if block.down_bias is not None:
+                weights[block.down_bias] = evaluator.weight(down_bias)
+        return weights
+
+    def _measure(self, state, function, blocks, kept, hidden, correct, search, held_out):
+        metric = self._metric(function)
+        sets = {"search": search, **({"held_out": held_out} if held_out else {})}
+        evaluator = Evaluator(state, function, sets)
+        weights = self._weights_at(state, evaluator, blocks, kept, hidden, correct)
+        summary = {"metric": metric, "description": METRICS[metric][0],
+                   "calibration_samples": len(search),
+                   "calibration_value": round(evaluator.measure(metric, weights, "search"), 6)}
+        if held_out:
+            summary.update(held_out_samples=len(held_out), held_out_value=round(
+                evaluator.measure(metric, weights, "held_out"), 6))
+        return summary
+
+    def _search(self, state, function, blocks, plan, hidden, correct, search, held_out):
+        """The largest ratio (in steps of whole `multiple`s of the narrowest block) whose
+        measured accuracy holds the budget on the calibration samples."""
+        metric = self.budget.metric
+        sets = {"search": search, **({"held_out": held_out} if held_out else {})}
+        evaluator = Evaluator(state, function, sets)
+        steps = min(b.width for b in blocks) // self.multiple
+        ratios = [i / steps for i in range(int(steps * self.max_ratio) + 1)]
+        values: dict[int, float] = {}
+
+        def value_at(i: int) -> float:
+            if i not in values:
+                weights = self._weights_at(state, evaluator, blocks, plan(ratios[i]), hidden,
+                                           correct)
+                values[i] = evaluator.measure(metric, weights, "search")
+            return values[i]
+
+        with progress.step(f"searching the fraction of channels to remove for {self.budget}"):
+            low, high = 0, len(ratios) - 1   # the answer lies in [low, high]
+            while low < high:
+                mid = (low + high + 1) // 2
+                if self.budget.holds(value_at(mid)):
+                    low = mid
+                else:
+                    high = mid - 1
+        ratio = ratios[low]
+        weights = self._weights_at(state, evaluator, blocks, plan(ratio), hidden, correct)
+        reached = value_at(low)
+        summary = {"metric": metric, "description": METRICS[metric][0], "budget": str(self.budget),
+                   "calibration_samples": len(search), "calibration_value": round(reached, 6),
+                   "tried": {f"{ratios[i]:.3f}": round(v, 6) for i, v in sorted(values.items())}}
+        value = evaluator.measure(metric, weights, "held_out") if held_out else reached
+        summary.update(held_out_samples=len(held_out), held_out_value=round(value, 6))
+        if not self.budget.holds(value):
+            raise GraftError(f"sparsify: the budget {self.budget} held on the calibration samples "
+                             f"({reached:.4f} removing {ratio:.0%} of the channels) but not on "
+                             f"the held-out ones ({value:.4f}); give more calibration data, or "
+                             "a looser budget")
+        return ratio, summary
+
+
+def _measured_function(state: CompileState) -> str:
+    return next(f for f in ("score", "main", "prefill", *state.signatures)
+                if f in state.signatures)
+
+
+def _kept_count(width: int, ratio: float, multiple: int) -> int:
+    """Channels kept of `width` when removing `ratio` of them, a multiple of `multiple` (or
+    all of them), at least one multiple."""
+    if ratio <= 0:
+        return width
+    keep = int(round(width * (1 - ratio) / multiple)) * multiple
+    return int(min(max(keep, min(multiple, width)), width))
+
+
+def _channels_last(array: np.ndarray, axis: int) -> np.ndarray:
+    return array if axis == array.ndim - 1 else np.moveaxis(array, axis, -1)
+
+
+def _from_channels_last(array: np.ndarray, axis: int) -> np.ndarray:
+    return array if axis == array.ndim - 1 else np.moveaxis(array, -1, axis)
+
+
+def _block_bytes(state, block: FFNBlock) -> int:
+    names = [s.name for s in block.ups] + block.up_biases + [block.down.name]
+    return sum(state.params[n].nbytes for n in names)
