@@ -84,6 +84,34 @@ def english_sentences() -> list[str]:
     return out
 
 
+def minilm_batches(tokenizer, texts: list[str], batch: int, seq: int) -> list[tuple]:
+    """(input_ids, attention_mask) batches of `texts`, padded to `seq` tokens."""
+    out = []
+    for i in range(0, len(texts), batch):
+        enc = tokenizer(texts[i:i + batch], padding="max_length", truncation=True,
+                        max_length=seq, return_tensors="np")
+        out.append((enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)))
+    return out
+
+
+def embedding_cosine(module, run, batches) -> tuple[float, int]:
+    """Mean cosine similarity of the mean-pooled embeddings `run(ids, mask)` gives to those of
+    the torch `module`, and the number of sentences."""
+    import torch
+
+    def pooled(hidden, mask):
+        m = mask[..., None].astype(np.float64)
+        return (hidden * m).sum(1) / m.sum(1)
+
+    sims = []
+    for input_ids, mask in batches:
+        with torch.inference_mode():
+            ref = pooled(module(torch.from_numpy(input_ids), torch.from_numpy(mask)).numpy(), mask)
+        got = pooled(run(input_ids, mask), mask)
+        sims += list((got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1))
+    return float(np.mean(sims)), len(sims)
+
+
 def bench_minilm(workdir: Path, runs: int):
     import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -96,15 +124,8 @@ def bench_minilm(workdir: Path, runs: int):
     sentences = english_sentences()
     calibration_sentences, held_out = sentences[:128], sentences[-256:]
 
-    def batches(texts):
-        out = []
-        for i in range(0, len(texts), batch):
-            enc = tokenizer(texts[i:i + batch], padding="max_length", truncation=True,
-                            max_length=seq, return_tensors="np")
-            out.append((enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)))
-        return out
-
-    calibration, evaluation = batches(calibration_sentences), batches(held_out)
+    calibration = minilm_batches(tokenizer, calibration_sentences, batch, seq)
+    evaluation = minilm_batches(tokenizer, held_out, batch, seq)
     onnx_path = export_minilm_onnx(module, str(workdir / "minilm.onnx"))
     ort_fp32 = ort_session(onnx_path)
     int8_path = str(workdir / "minilm_int8.onnx")
@@ -124,20 +145,8 @@ def bench_minilm(workdir: Path, runs: int):
         compiled.save(directory)
         runtimes[name] = graft.load(directory)
 
-    def pooled(hidden, mask):
-        m = mask[..., None].astype(np.float64)
-        return (hidden * m).sum(1) / m.sum(1)
-
     def cosine_to_torch(run):
-        sims = []
-        for input_ids, mask in evaluation:
-            with torch.inference_mode():
-                ref = pooled(module(torch.from_numpy(input_ids), torch.from_numpy(mask)).numpy(),
-                             mask)
-            got = pooled(run(input_ids, mask), mask)
-            sims += list((got * ref).sum(1) / np.linalg.norm(got, axis=1)
-                         / np.linalg.norm(ref, axis=1))
-        return float(np.mean(sims)), len(sims)
+        return embedding_cosine(module, run, evaluation)
 
     feed = {"input_ids": calibration[0][0], "attention_mask": calibration[0][1]}
     calls = {name: (lambda f, t: lambda: f.run_tvm(*t))(rt.main, rt.main.check_inputs(

@@ -25,14 +25,11 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_cpu import interleaved_medians, load_minilm  # noqa: E402
-from bench_quantize import english_sentences  # noqa: E402
+from bench_quantize import embedding_cosine, english_sentences, minilm_batches  # noqa: E402
 
 warnings.filterwarnings("ignore")
-
 
 def bench_minilm(workdir: Path, runs: int, budget: str):
     import torch
@@ -45,15 +42,8 @@ def bench_minilm(workdir: Path, runs: int, budget: str):
     sentences = english_sentences()
     calibration_sentences, held_out = sentences[:128], sentences[-256:]
 
-    def batches(texts):
-        out = []
-        for i in range(0, len(texts), batch):
-            enc = tokenizer(texts[i:i + batch], padding="max_length", truncation=True,
-                            max_length=seq, return_tensors="np")
-            out.append((enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)))
-        return out
-
-    calibration, evaluation = batches(calibration_sentences), batches(held_out)
+    calibration = minilm_batches(tokenizer, calibration_sentences, batch, seq)
+    evaluation = minilm_batches(tokenizer, held_out, batch, seq)
     example = tuple(torch.from_numpy(a) for a in calibration[0])
 
     def build(name, passes):
@@ -75,27 +65,12 @@ def bench_minilm(workdir: Path, runs: int, budget: str):
         "magnitude", [P.Sparsify("ffn_channels", ratio=ratio, importance="magnitude",
                                  correct=False)])
 
-    def pooled(hidden, mask):
-        m = mask[..., None].astype(np.float64)
-        return (hidden * m).sum(1) / m.sum(1)
-
-    def cosine_to_torch(rt):
-        sims = []
-        for input_ids, mask in evaluation:
-            with torch.inference_mode():
-                ref = pooled(module(torch.from_numpy(input_ids), torch.from_numpy(mask)).numpy(),
-                             mask)
-            got = pooled(rt(input_ids, mask), mask)
-            sims += list((got * ref).sum(1) / np.linalg.norm(got, axis=1)
-                         / np.linalg.norm(ref, axis=1))
-        return float(np.mean(sims)), len(sims)
-
     feed = list(calibration[0])
     calls = {name: (lambda f, t: lambda: f.run_tvm(*t))(rt.main, rt.main.check_inputs(feed))
              for name, rt in runtimes.items()}
     ms = interleaved_medians(calls, runs)
     for name in ("dense", "pruned", "magnitude"):
-        value, count = cosine_to_torch(runtimes[name])
+        value, count = embedding_cosine(module, runtimes[name], evaluation)
         report = reports.get(name, {})
         label = {"dense": "graft fp32 dense",
                  "pruned": f"ffn channels, {budget} (activation-aware, refit)",
@@ -111,7 +86,6 @@ def bench_minilm(workdir: Path, runs: int, budget: str):
               f"dense)  embedding cosine vs torch fp32 {value:.5f} ({count} held-out "
               f"sentences){extra}", flush=True)
 
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20)
@@ -123,7 +97,6 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         bench_minilm(Path(tmp), args.runs, args.budget)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -33,6 +33,7 @@ import numpy as np
 
 from graft import progress
 from graft.passes.pipeline import CompileState, GraftPass
+from graft.passes.quantize import _measured_function
 from graft.passes.quantize.activations import collect_activations
 from graft.passes.quantize.evaluate import METRICS, Budget, Evaluator
 from graft.passes.sparsify.ffn import (FFNBlock, find_ffn_blocks, resize_weights, shapes_of,
@@ -290,11 +291,6 @@ class Sparsify(GraftPass):
                              f"the held-out ones ({value:.4f}); give more calibration data, or "
                              "a looser budget")
         return ratio, summary
-
-
-def _measured_function(state: CompileState) -> str:
-    return next(f for f in ("score", "main", "prefill", *state.signatures)
-                if f in state.signatures)
 
 
 def _kept_count(width: int, ratio: float, multiple: int) -> int:
