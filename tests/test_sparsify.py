@@ -168,8 +168,8 @@ def test_budget_search_removes_what_the_budget_allows_and_records_it():
 def test_bad_requests_are_refused():
     with pytest.raises(GraftError, match="ratio .* or an accuracy budget"):
         P.Sparsify("ffn_channels")
-    with pytest.raises(GraftError, match="pattern 'bsr' is not known"):
-        P.Sparsify("bsr", ratio=0.5)
+    with pytest.raises(GraftError, match="pattern 'heads' is not known"):
+        P.Sparsify("heads", ratio=0.5)
     with pytest.raises(GraftError, match="ratio 1.5"):
         P.Sparsify(ratio=1.5)
     x = torch.randn(2, 8, 64)

@@ -25,22 +25,41 @@ half measures (a refit measured on the rows it was fitted to looks better than i
 original function is compiled once, and a candidate is measured with its removed channels'
 columns of the down projection set to zero, which computes exactly what the shrunk block
 computes.
+
+Weight patterns prune the linear layers themselves (see `linear`) and store them sparse, read
+by kernels that skip the zeros (`graft.codegen.sparse`):
+
+    P.Sparsify("bsr", block="16x1", ratio=0.75)          # 75% of each layer's 16x1 blocks
+    P.Sparsify("bsr", block="32x1", budget="cosine>=0.95")
+    P.Sparsify("2:4")                                     # N:M, M dividing 16
+
+Importance is |W| ("magnitude") or |W| * ||x|| per input channel ("activation"); with
+calibration data the kept weights are corrected (SparseGPT's update with the mask fixed). A
+budget searches the block ratio (N:M has its own ratio, 1 - N/M, and a budget only checks
+it). On a target without the kernels (CUDA, CPUs without AVX-512) the pruned weights stay
+dense, and the manifest says so.
 """
 
 from __future__ import annotations
+
+import fnmatch
 
 import numpy as np
 
 from graft import progress
 from graft.passes.pipeline import CompileState, GraftPass
 from graft.passes.quantize import _measured_function
-from graft.passes.quantize.activations import collect_activations
+from graft.ir.weights import function_weights, weight_reads
+from graft.passes.quantize.activations import collect_activations, linear_inputs
 from graft.passes.quantize.evaluate import METRICS, Budget, Evaluator
+from graft.passes.sparsify import linear as L
+from graft.passes.sparsify.rewrite import rewrite as rewrite_sparse
 from graft.passes.sparsify.ffn import (FFNBlock, find_ffn_blocks, resize_weights, shapes_of,
                                        take_channels)
 from graft.runtime.errors import GraftError
 
-PATTERNS = ("ffn_channels",)
+PATTERNS = ("ffn_channels", "bsr", "N:M (2:4, 1:4, 4:8, ...)")
+BLOCK_STEPS = 20       # the block ratio is searched in steps of 1 / BLOCK_STEPS
 IMPORTANCES = ("activation", "magnitude")
 CALIBRATION_ROWS = 4096  # activation rows per block kept for the least-squares refit
 RIDGE = 1e-3             # ridge strength, relative to the mean diagonal of X^T X
@@ -50,9 +69,16 @@ class Sparsify(GraftPass):
     """Structured pruning of feed-forward channels.
 
     pattern: "ffn_channels" (whole channels of every feed-forward block's intermediate
-        dimension; the products shrink).
-    ratio: fraction of each block's channels to remove; with a budget, the largest fraction
-        the budget allows is searched instead (up to `max_ratio`).
+        dimension; the products shrink), "bsr" (blocks of every linear layer's weight) or
+        "N:M" (such as "2:4": N of every M consecutive inputs of every output channel).
+    ratio: fraction of each block's channels (of each layer's blocks, for "bsr") to remove;
+        with a budget, the largest fraction the budget allows is searched instead (up to
+        `max_ratio`). N:M removes 1 - N/M.
+    block: "bsr"'s block, outputs x inputs ("16x1", "32x1", "16x4", ...; outputs a
+        multiple of 16).
+    group: "layer" (blocks compared across the whole layer) or "row" (every block row keeps
+        the same count).
+    exclude: fnmatch patterns of weights to leave dense (weight patterns).
     budget: "cosine>=C", "top1>=A" or "perplexity<=R", measured on calibration data against
         the original model (needs calibration data).
     importance: "activation" (needs calibration data) or "magnitude"; default: activation
@@ -68,10 +94,21 @@ class Sparsify(GraftPass):
     def __init__(self, pattern: str = "ffn_channels", *, ratio: float | None = None,
                  budget: str | None = None, importance: str | None = None,
                  correct: bool | None = None, multiple: int = 16, max_ratio: float = 0.9,
-                 held_out: float = 0.25):
-        if pattern not in PATTERNS:
+                 held_out: float = 0.25, block="16x1", group: str = "layer",
+                 exclude: tuple = ()):
+        self.nm = L.parse_nm(pattern)
+        if pattern not in PATTERNS[:2] and self.nm is None:
             raise GraftError(f"sparsify pattern {pattern!r} is not known: expected one of "
                              f"{', '.join(PATTERNS)}")
+        if group not in ("layer", "row"):
+            raise GraftError(f"sparsify group {group!r}: expected 'layer' or 'row'")
+        self.block = L.parse_block(block) if pattern == "bsr" else None
+        self.group, self.exclude = group, tuple(exclude)
+        if self.nm is not None:
+            if ratio is not None and abs(ratio - (1 - self.nm[0] / self.nm[1])) > 1e-9:
+                raise GraftError(f"sparsify {pattern} removes {1 - self.nm[0] / self.nm[1]:.0%}"
+                                 f" of the weights; ratio {ratio} contradicts it")
+            ratio = 1 - self.nm[0] / self.nm[1]
         if ratio is None and budget is None:
             raise GraftError("sparsify needs a ratio (the fraction of channels to remove) or "
                              "an accuracy budget to search it under")
@@ -88,13 +125,18 @@ class Sparsify(GraftPass):
         self.multiple, self.max_ratio, self.held_out = int(multiple), max_ratio, held_out
 
     def options(self) -> dict:
-        return {"pattern": self.pattern, "ratio": self.ratio,
-                "budget": str(self.budget) if self.budget else None,
-                "importance": self.importance, "correct": self.correct,
-                "multiple": self.multiple}
+        options = {"pattern": self.pattern, "ratio": self.ratio,
+                   "budget": str(self.budget) if self.budget else None,
+                   "importance": self.importance, "correct": self.correct}
+        if self.pattern == "ffn_channels":
+            return {**options, "multiple": self.multiple}
+        return {**options, **({"block": "x".join(map(str, self.block)), "group": self.group}
+                              if self.block else {}), "exclude": list(self.exclude)}
 
     def run(self, state: CompileState) -> dict:
         function = _measured_function(state)
+        if self.pattern != "ffn_channels":
+            return self._run_weights(state, function)
         blocks = find_ffn_blocks(state.mod[function], state.signatures[function])
         if not blocks:
             raise GraftError(f"sparsify found no feed-forward block in {function!r} (matmul, "
@@ -291,6 +333,193 @@ class Sparsify(GraftPass):
                              f"the held-out ones ({value:.4f}); give more calibration data, or "
                              "a looser budget")
         return ratio, summary
+
+
+    # --- weight patterns: bsr, N:M -----------------------------------------------------------
+
+    def _linear_layers(self, state) -> tuple[dict, dict]:
+        """({name: [N, K]} of the linear layers to prune, {name: why left dense})."""
+        kind = "bsr" if self.block else "nm"
+        layers, skipped = {}, {}
+        for name, read in weight_reads(state.mod, state.signatures).items():
+            if not read.is_linear:
+                continue
+            if any(fnmatch.fnmatch(name, pattern) for pattern in self.exclude):
+                why = "excluded"
+            elif read.embedding:
+                why = "also read as an embedding table"
+            elif read.linear and read.linear_kn:
+                why = "read in two layouts"
+            elif read.dtype != "float32":
+                why = f"a {read.dtype} weight"
+            else:
+                shape = read.shape if read.linear else read.shape[::-1]
+                why = L.fits(kind, shape, self.block)
+                if why is None:
+                    layers[name] = (shape, bool(read.linear_kn))
+                    continue
+            skipped[name] = why
+        return layers, skipped
+
+    def _input_statistics(self, state, function: str, layers: dict, samples) -> dict:
+        """name -> (||x|| per input channel (RMS), X^T X / rows) of each layer's input."""
+        func = state.mod[function]
+        weights = function_weights(func, state.signatures[function])
+        groups: dict = {}
+        for x, name, _ in linear_inputs(func, weights, set(layers)):
+            groups.setdefault(x, []).append(name)
+        group_list = list(groups.items())
+        found = collect_activations(state, function, group_list, samples)
+        stats = {}
+        for (_, names), (_, rows, mean_square) in zip(group_list, found):
+            rows = rows.astype(np.float64)
+            gram = rows.T @ rows / max(len(rows), 1)
+            for name in names:
+                stats[name] = (np.sqrt(mean_square.astype(np.float64)), gram)
+        return stats
+
+    def _pruned(self, state, layers: dict, stats: dict, importance: str, correct: bool,
+                ratio: float) -> dict:
+        """name -> (kept blocks or elements, pruned (corrected) W [N, K]) at `ratio`."""
+        out = {}
+        for name, (shape, stored_kn) in layers.items():
+            stored = state.params[name]
+            w = stored.T if stored_kn else stored
+            x_norm, gram = stats.get(name, (None, None))
+            scores = L.importance(w, x_norm if importance == "activation" else None)
+            if self.block:
+                keep = L.block_mask(scores, self.block, ratio, self.group == "row")
+                elements = L.expand_block_mask(keep, self.block)
+            else:
+                keep = elements = L.nm_mask(scores, *self.nm)
+            if correct and gram is not None and self.block:
+                pruned = L.correct_block_rows(w, gram, elements, self.block[0])
+            elif correct and gram is not None:
+                pruned = L.correct(w, gram, elements)
+            else:
+                pruned = np.where(elements, w, 0).astype(w.dtype)
+            out[name] = (keep, np.ascontiguousarray(pruned))
+        return out
+
+    def _run_weights(self, state: CompileState, function: str) -> dict:
+        from graft.codegen import sparse
+        from graft.codegen.cpu.common import num_cores
+
+        layers, skipped = self._linear_layers(state)
+        if not layers:
+            reasons = "; ".join(f"{n}: {why}" for n, why in list(skipped.items())[:5])
+            raise GraftError(f"sparsify {self.pattern} found no linear layer it can prune in the "
+                             f"model" + (f" ({reasons})" if reasons else ""))
+        calibrated = bool(state.calibration)
+        importance = self.importance or ("activation" if calibrated else "magnitude")
+        correct = calibrated if self.correct is None else self.correct
+        if (importance == "activation" or correct or self.budget) and not calibrated:
+            raise GraftError("sparsify: activation importance, the correction and an accuracy "
+                             "budget need calibration data (calibration= / --calibration)")
+        search, held_out = self._split(state.calibration) if calibrated else ([], [])
+        fit, search = (search[:len(search) // 2], search[len(search) // 2:]) \
+            if len(search) > 1 else (search, search)
+        stats = self._input_statistics(state, function, layers, fit) if calibrated else {}
+        pruned_at = lambda ratio: self._pruned(  # noqa: E731
+            state, layers, stats, importance, correct, ratio)
+
+        measured: dict = {}
+        if calibrated:
+            metric = self._metric(function)
+            evaluator = Evaluator(state, function, {"search": search,
+                                                    **({"held_out": held_out} if held_out
+                                                       else {})})
+
+            def value(pruned: dict, on: str) -> float:
+                weights = {name: evaluator.weight(w.T if layers[name][1] else w)
+                           for name, (_, w) in pruned.items()}
+                return evaluator.measure(metric, weights, on)
+
+            if self.budget is not None and self.block:
+                ratios = [i / BLOCK_STEPS for i in range(int(self.max_ratio * BLOCK_STEPS) + 1)]
+                values: dict = {}
+
+                def holds(i: int) -> bool:
+                    if i not in values:
+                        values[i] = value(pruned_at(ratios[i]), "search")
+                    return self.budget.holds(values[i])
+
+                with progress.step(f"searching the fraction of blocks to remove for "
+                                   f"{self.budget}"):
+                    ratio = ratios[_largest_holding(len(ratios), holds)]
+                measured["tried"] = {f"{ratios[i]:.3f}": round(v, 6)
+                                     for i, v in sorted(values.items())}
+            else:
+                ratio = self.ratio
+            with progress.step(f"pruning {len(layers)} linear layers ({self.pattern}, "
+                               f"{ratio:.0%})"):
+                pruned = pruned_at(ratio)
+            measured.update(metric=metric, description=METRICS[metric][0],
+                            calibration_samples=len(search),
+                            calibration_value=round(value(pruned, "search"), 6))
+            if self.budget is not None:
+                measured["budget"] = str(self.budget)
+            if held_out:
+                measured.update(held_out_samples=len(held_out),
+                                held_out_value=round(value(pruned, "held_out"), 6))
+            reached = measured.get("held_out_value", measured["calibration_value"])
+            if self.budget is not None and not self.budget.holds(reached):
+                raise GraftError(
+                    f"sparsify {self.pattern}: the budget {self.budget} does not hold: "
+                    f"removing {ratio:.0%} of the weights reached {metric} {reached:.4f} "
+                    "(on held-out calibration samples); give a looser budget" +
+                    (" or a lower ratio" if not self.block else ""))
+        else:
+            ratio = self.ratio
+            pruned = pruned_at(ratio)
+
+        kernels = sparse.sparse_kernels_available(state.target)
+        kind = "bsr" if self.block else "p16"
+        plan, per_layer = {}, {}
+        for name, (keep, w) in pruned.items():
+            arrays = L.pack("bsr" if self.block else "nm", w, keep, self.block)
+            stored_bytes = sum(a.nbytes for a in arrays.values())
+            per_layer[name] = {"shape": list(layers[name][0]),
+                               "sparsity": round(float(1 - np.count_nonzero(w) / w.size), 4),
+                               "bytes": int(w.nbytes), "stored_bytes": int(stored_bytes)}
+            if self.block:
+                per_layer[name]["blocks_kept"] = int(keep.sum())
+            if kernels:
+                plan[name] = {"pattern": "bsr" if self.block else "p16", "shape": w.shape,
+                              "block": self.block, "arrays": arrays,
+                              "stored_kn": layers[name][1]}
+            else:
+                state.params[name] = np.ascontiguousarray(w.T if layers[name][1] else w)
+        if kernels:
+            rewrite_sparse(state, plan, num_cores(state.target))
+        before = sum(v["bytes"] for v in per_layer.values())
+        after = sum(v["stored_bytes"] for v in per_layer.values()) if kernels else before
+        zeros = sum(v["sparsity"] * np.prod(v["shape"]) for v in per_layer.values())
+        return {
+            "pattern": self.pattern, "importance": importance, "corrected": bool(correct),
+            "ratio": round(float(ratio), 4),
+            "sparsity": round(float(zeros / sum(np.prod(v["shape"])
+                                               for v in per_layer.values())), 4),
+            "kernel": f"{kind}_matmul" if kernels else (
+                f"dense fallback: no sparse kernel for target {state.target.kind.name} "
+                "(the pruned weights are stored dense)"),
+            "weight_bytes": {"before": int(before), "after": int(after)},
+            **measured,
+            "layers": per_layer,
+            "kept_dense": skipped,
+        }
+
+
+def _largest_holding(count: int, holds) -> int:
+    """The largest i in [0, count) with holds(i), for holds true at 0 and monotone."""
+    low, high = 0, count - 1
+    while low < high:
+        mid = (low + high + 1) // 2
+        if holds(mid):
+            low = mid
+        else:
+            high = mid - 1
+    return low
 
 
 def _kept_count(width: int, ratio: float, multiple: int) -> int:
