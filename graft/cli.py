@@ -96,15 +96,24 @@ def _parser() -> argparse.ArgumentParser:
                    help="calibration samples: an .npz with one array per input name whose "
                         "first axis counts samples (a causal LM: input_ids [samples, tokens]), "
                         "or a directory of .npz files, one sample each")
-    s = p.add_argument_group("sparsity (structured pruning, before quantization)")
-    s.add_argument("--sparsify", choices=["ffn_channels"],
+    s = p.add_argument_group("sparsity (pruning, before quantization)")
+    s.add_argument("--sparsify", metavar="ffn_channels|bsr|N:M",
                    help="ffn_channels: remove whole intermediate channels of every "
                         "feed-forward block, ranked by activation x weight norm on "
                         "--calibration (weight norms without it), the kept down-projection "
-                        "refitted by least squares; the dense products shrink")
+                        "refitted by least squares; the dense products shrink. bsr: remove "
+                        "the least important blocks (--sparse-block) of every linear layer, "
+                        "stored block-sparse and run by a kernel that skips them. N:M (2:4, "
+                        "1:4, 4:8, ...; M dividing 16): keep N of every M inputs of every "
+                        "output. bsr and N:M rank weights by |W| x ||x|| on --calibration "
+                        "(|W| without it) and correct the kept ones by least squares")
     s.add_argument("--sparsity", type=float, metavar="FRACTION",
-                   help="fraction of each block's channels to remove (or give "
-                        "--sparsify-budget to search the most that budget allows)")
+                   help="fraction of each block's channels (bsr: of each layer's blocks) to "
+                        "remove (or give --sparsify-budget to search the most that budget "
+                        "allows)")
+    s.add_argument("--sparse-block", metavar="OUTxIN", default="16x1",
+                   help="bsr's block, outputs x inputs, outputs a multiple of 16 (default "
+                        "16x1; 32x1 and 64x1 run fastest)")
     s.add_argument("--sparsify-budget", metavar="METRIC<=|>=VALUE",
                    help="accuracy budget for --sparsify, measured on --calibration like "
                         "--budget")
@@ -157,8 +166,9 @@ def _compile(args) -> int:
     if args.sparsify:
         from graft import passes as P
 
+        options = {"block": args.sparse_block} if args.sparsify == "bsr" else {}
         passes.append(P.Sparsify(args.sparsify, ratio=args.sparsity,
-                                 budget=args.sparsify_budget))
+                                 budget=args.sparsify_budget, **options))
     elif args.sparsity is not None or args.sparsify_budget:
         raise GraftError("--sparsity and --sparsify-budget go with --sparsify")
     if args.quantize:

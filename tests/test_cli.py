@@ -183,3 +183,29 @@ def test_compile_quantized(tmp_path):
     result = graft_cli("compile", model, "-o", tmp_path / "o2", "--budget", "cosine>=0.9")
     assert_one_line_error(result, "--budget and --calibration go with")
     assert not (tmp_path / "o2").exists()
+
+
+def test_compile_sparse(tmp_path):
+    gen = np.random.default_rng(1)
+    weight = gen.standard_normal((64, 128)).astype(np.float32)  # ONNX MatMul: [K, N]
+    model = matmul_onnx(tmp_path / "proj.onnx", weight)
+    out = tmp_path / "art"
+    result = graft_cli("compile", model, "-o", out, "--sparsify", "bsr", "--sparsity", "0.75",
+                       "--sparse-block", "32x1")
+    assert result.returncode == 0, result.stderr
+    did = json.loads(graft_cli("inspect", out, "--json").stdout)["passes"][0]["did"]
+    assert did["kernel"] == "bsr_matmul" and did["sparsity"] == 0.75
+    # the 25% of 32-output x 1-input blocks of largest |W| (W [N, K] = weight.T), kept here
+    scores = np.abs(weight.T.astype(np.float64)).reshape(4, 32, 64).sum(axis=1)
+    keep = np.zeros(scores.size, bool)
+    keep[np.argsort(-scores.ravel())[:64]] = True
+    pruned = weight * np.repeat(keep.reshape(4, 64), 32, axis=0).T
+    x = gen.standard_normal((8, 64)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", x=x)
+    result = graft_cli("run", out, "--inputs", tmp_path / "in.npz", "--output", tmp_path / "o.npz")
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "o.npz")["y"], x @ pruned, rtol=1e-5,
+                               atol=1e-5)
+    result = graft_cli("compile", model, "-o", tmp_path / "o2", "--sparsify", "2:3")
+    assert_one_line_error(result, "2:3", "M dividing 16")
+    assert not (tmp_path / "o2").exists()
