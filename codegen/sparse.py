@@ -13,7 +13,10 @@ A linear layer y = x @ W.T (W [N out, K in]) with most of W zero is stored in on
 - **p:16** (N:M along the reduction axis with M dividing 16: 2:4 is 8:16, 1:4 is 4:16, ...):
   every output channel keeps exactly p of each 16 consecutive inputs.
       values float32 [N / 16, K / 16, p, 16]   kept values, 16 output channels per row
-      index  uint8   [N / 16, K / 16, p, 16]   each value's input, 0..15 within its chunk
+      index  uint8   [N / 16, K / 16, p/2, 16] each value's input, 0..15 within its chunk,
+                                               two per byte: slot 2s in the low four bits,
+                                               2s + 1 in the high four (p odd: [.., p, 16],
+                                               one per byte)
   The kernel loads x's 16-element chunk once and picks every output channel's input with one
   lane permute (`vpermps`), then multiplies the 16 kept values as one vector: no gathers.
 
@@ -78,8 +81,10 @@ def pack_p16(weight: np.ndarray, keep: np.ndarray) -> dict:
     values = np.take_along_axis(weight.reshape(n, k // LANES, LANES), index, axis=2)
 
     def by_vector(a):  # [N, K/16, p] -> [N/16, K/16, p, 16]
-        return np.ascontiguousarray(a.reshape(n // LANES, LANES, k // LANES, p)
+        return np.ascontiguousarray(a.reshape(n // LANES, LANES, k // LANES, -1)
                                     .transpose(0, 2, 3, 1))
+    if p % 2 == 0:
+        index = index[:, :, 0::2] | (index[:, :, 1::2] << 4)
     return {"values": by_vector(values).astype(np.float32),
             "index": by_vector(index).astype(np.uint8)}
 
@@ -87,6 +92,8 @@ def pack_p16(weight: np.ndarray, keep: np.ndarray) -> dict:
 def unpack_p16(arrays: dict) -> np.ndarray:
     values, index = arrays["values"], arrays["index"]
     nv, chunks, p, _ = values.shape
+    if index.shape[2] != p:  # two per byte
+        index = np.stack([index & 15, index >> 4], axis=3).reshape(values.shape)
     dense = np.zeros((nv, LANES, chunks, LANES), np.float32)
     v = values.transpose(0, 3, 1, 2)             # [N/16, 16, K/16, p]
     i = index.transpose(0, 3, 1, 2).astype(np.int64)
@@ -168,6 +175,9 @@ def p16_tile(m) -> tuple[int, int]:
 def p16_matmul_func(m, k: int, n: int, p: int) -> tirx.PrimFunc:
     """out [m, n] = x [m, k] @ W.T for W in p:16; m may be symbolic."""
     rows, vecs = p16_tile(m)
+    per_byte = 2 if p % 2 == 0 else 1   # indices per byte
+    index_rows = p // per_byte
+    bits, mask = (4, 15) if per_byte == 2 else (0, 255)
     chunks = k // LANES
     vectors = n // LANES
     if vectors % vecs:
@@ -192,7 +202,10 @@ def p16_matmul_func(m, k: int, n: int, p: int) -> tirx.PrimFunc:
                             acc[T.ramp((r * vecs + v) * 16, 1, 16)] + T.call_llvm_pure_intrin(
                                 "float32x16", "llvm.x86.avx512.permvar.sf.512",
                                 xv[T.ramp(r * 16, 1, 16)],
-                                T.Cast("int32x16", index[nv0 + v, c, s, T.ramp(0, 1, 16)])) \
+                                T.shift_right(T.Cast("int32x16", index[
+                                    nv0 + v, c, s // per_byte, T.ramp(0, 1, 16)]),
+                                    T.broadcast(s % per_byte * bits, 16))
+                                & T.broadcast(mask, 16)) \
                             * values[nv0 + v, c, s, T.ramp(0, 1, 16)]
         for r in T.unroll(tile):
             for v in T.unroll(vecs):
@@ -202,7 +215,7 @@ def p16_matmul_func(m, k: int, n: int, p: int) -> tirx.PrimFunc:
     @T.prim_func(private=True)
     def p16_matmul(x: T.Buffer((m_var, k), "float32"),
                    values: T.Buffer((vectors, chunks, p, 16), "float32"),
-                   index: T.Buffer((vectors, chunks, p, 16), "uint8"),
+                   index: T.Buffer((vectors, chunks, index_rows, 16), "uint8"),
                    out: T.Buffer((m_var, n), "float32")):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8,
                      "graft.schedule_rule": "P16Matmul"})

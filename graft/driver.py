@@ -86,6 +86,7 @@ def compile(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None
     if dumper is not None:
         dumper.after(0, Entry("import", None, {"frontend": imported.source.get("frontend")}),
                      state, time.perf_counter() - started, {"functions": list(imported.signatures)})
+    _check_order(passes)
     user_entries = [_as_entry(p) for p in passes]
     lowering = codegen.lowering_entries(tvm_target, tune=tune, tune_dir=tune_dir)
     records = run_pipeline(state, user_entries + lowering, dumper)
@@ -184,6 +185,15 @@ def _are_specs(values) -> bool:
 
 def _to_numpy(x):
     return x.detach().cpu().numpy() if hasattr(x, "detach") else x
+
+
+def _check_order(passes) -> None:
+    """Refuse orders of graft passes that cannot work, saying why."""
+    names = [p.name for p in passes if isinstance(p, GraftPass)]
+    if "quantize" in names and "sparsify" in names[names.index("quantize"):]:
+        raise GraftError("passes: Sparsify must come before Quantize (Quantize packs the "
+                         "weights that Sparsify prunes, and Sparsify finds no float weights "
+                         f"after it); the order given was {', '.join(names)}")
 
 
 def _as_entry(p) -> Entry:

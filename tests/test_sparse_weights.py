@@ -57,7 +57,7 @@ def test_bsr_kernel_matches_numpy(block, m):
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("p", [2, 4, 8, 12])
+@pytest.mark.parametrize("p", [2, 3, 4, 8, 12])
 @pytest.mark.parametrize("m", [1, 9, 64, "symbolic"])
 def test_p16_kernel_matches_numpy(p, m):
     rows = 21 if m == "symbolic" else m
@@ -70,7 +70,8 @@ def test_p16_kernel_matches_numpy(p, m):
     keep = keep.reshape(n, k)
     arrays = sparse.pack_p16(w, keep)
     assert arrays["values"].shape == (n // 16, k // 16, p, 16)
-    assert arrays["index"].dtype == np.uint8
+    assert arrays["index"].dtype == np.uint8  # two 4-bit indices a byte where p is even
+    assert arrays["index"].shape == (n // 16, k // 16, p // 2 if p % 2 == 0 else p, 16)
     np.testing.assert_array_equal(sparse.unpack_p16(arrays), w * keep)
     func = sparse.p16_matmul_func(tvm.tirx.Var("m", "int64") if m == "symbolic" else rows,
                                   k, n, p)
@@ -257,3 +258,49 @@ def test_bad_weight_pattern_requests_are_refused():
     with pytest.raises(PassError, match="no linear layer it can prune"):
         graft.compile(torch.nn.Linear(20, 24).eval(), (torch.randn(2, 20),),
                       passes=[P.Sparsify("2:4")])
+
+
+class FFNBlock(torch.nn.Module):
+    def __init__(self, d=64, hidden=256):
+        super().__init__()
+        torch.manual_seed(5)
+        self.up = torch.nn.Linear(d, hidden)
+        self.down = torch.nn.Linear(hidden, d)
+        self.head = torch.nn.Linear(d, 32)
+
+    def forward(self, x):
+        return self.head(x + self.down(torch.nn.functional.gelu(self.up(x))))
+
+
+def test_sparsify_then_quantize_in_one_compile(tmp_path):
+    """FFN channels pruned, then every linear layer W8A8: the result follows the pruned
+    model (reference pruned here by magnitude) within int8's error; the pruned block's
+    weights are quantized in their shrunk shapes."""
+    model = FFNBlock().eval()
+    calibration = [(torch.randn(8, 16, 64).numpy(),) for _ in range(8)]
+    x = torch.randn(8, 16, 64)
+    compiled = graft.compile(model, (x,), calibration=calibration, passes=[
+        P.Sparsify("ffn_channels", ratio=0.5, importance="magnitude", correct=False),
+        P.Quantize("w8a8")])
+    compiled.save(tmp_path / "art")
+    got = graft.load(tmp_path / "art")(x.numpy())
+    with torch.no_grad():
+        importance = np.linalg.norm(model.up.weight.numpy(), axis=1) * \
+            np.linalg.norm(model.down.weight.numpy(), axis=0)
+        kept = np.sort(np.argsort(-importance)[:128])
+        hidden = torch.nn.functional.gelu(x @ model.up.weight[kept].T + model.up.bias[kept])
+        pruned = model.head(x + hidden @ model.down.weight[:, kept].T + model.down.bias).numpy()
+    cosine = (got * pruned).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(pruned,
+                                                                                     axis=-1)
+    assert cosine.min() > 0.995
+    passes = {p["pass"]: p["did"] for p in compiled.manifest["passes"]}
+    assert passes["sparsify"]["sparsity"] == 0.5
+    assert {name: figures["precision"] for name, figures in passes["quantize"]["layers"].items()
+            } == {"p_up_weight": "w8a8", "p_down_weight": "w8a8", "p_head_weight": "w8a8"}
+    assert compiled.params["p_down_weight.wq"].size == 64 * 128
+
+
+def test_sparsify_after_quantize_is_refused():
+    with pytest.raises(GraftError, match="Sparsify must come before Quantize"):
+        graft.compile(MLP().eval(), (torch.randn(2, 64),),
+                      passes=[P.Quantize("int8"), P.Sparsify("2:4")])
