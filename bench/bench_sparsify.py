@@ -16,15 +16,18 @@ fp32 build, in one process on the same inputs.
         here, the largest difference printed relative to the largest output.
 
     SmolLM2-135M (real weights): 2:4 on every linear layer (the tied embedding / LM head stays
-        dense), activation-aware with SparseGPT's correction, next to magnitude-only 2:4 (no
-        correction): decode step latency (past 128) against graft's dense fp32 build, and
+        dense), activation-aware (Wanda's mask, then SparseGPT's correction; and SparseGPT's
+        own mask choice), next to magnitude-only 2:4 (no correction): decode step latency (past 128) against graft's dense fp32 build, and
         perplexity on held-out `pydoc_data.topics` text (calibration: the text's first 1024
         tokens, as bench_quantize).
+
+    Composition, MiniLM (8, 128): FFN channels pruned (25%, activation-aware, refit), then W8A8
+        (static, smoothed) in one compile, against each alone and dense fp32.
 
 Each latency is a median over at least --runs timed calls after warm-up, the builds timed in
 alternating blocks so a noisy neighbour hits them alike.
 
-    python bench/bench_sparsify.py [--runs 20] [--budget cosine>=0.95] [--only kernels|minilm|smollm]
+    python bench/bench_sparsify.py [--runs 20] [--budget cosine>=0.95] [--only kernels|minilm|smollm|compose]
 """
 
 from __future__ import annotations
@@ -164,6 +167,41 @@ def bench_minilm(workdir: Path, runs: int, budget: str):
               f"dense)  embedding cosine vs torch fp32 {value:.5f} ({count} held-out "
               f"sentences){extra}", flush=True)
 
+def bench_compose(workdir: Path, runs: int):
+    import torch
+
+    import graft
+    from graft import passes as P
+
+    module, tokenizer = load_minilm()
+    sentences = english_sentences()
+    calibration = minilm_batches(tokenizer, sentences[:128], 8, 128)
+    evaluation = minilm_batches(tokenizer, sentences[-256:], 8, 128)
+    example = tuple(torch.from_numpy(a) for a in calibration[0])
+    builds = {"fp32 dense": [],
+              "ffn channels 25%": [P.Sparsify("ffn_channels", ratio=0.25)],
+              "W8A8": [P.Quantize("w8a8")],
+              "ffn channels 25% + W8A8": [P.Sparsify("ffn_channels", ratio=0.25),
+                                          P.Quantize("w8a8")]}
+    runtimes = {}
+    for name, passes in builds.items():
+        started = time.perf_counter()
+        compiled = graft.compile(module, example, passes=passes,
+                                 calibration=calibration if passes else None)
+        print(f"MiniLM {name}: graft compile {time.perf_counter() - started:.1f} s", flush=True)
+        compiled.save(workdir / f"compose {name}")
+        runtimes[name] = graft.load(workdir / f"compose {name}")
+    feed = list(calibration[0])
+    calls = {name: (lambda f, t: lambda: f.run_tvm(*t))(rt.main, rt.main.check_inputs(feed))
+             for name, rt in runtimes.items()}
+    ms = interleaved_medians(calls, 2 * runs, rounds=runs // 2)
+    for name, runtime in runtimes.items():
+        value, count = embedding_cosine(module, runtime, evaluation)
+        print(f"MiniLM (8, 128) {name:>24}: {ms[name]:7.2f} ms ({ms[name] / ms['fp32 dense']:.2f}x"
+              f" dense)  embedding cosine vs torch fp32 {value:.5f} ({count} held-out "
+              "sentences)", flush=True)
+
+
 def bench_smollm(workdir: Path, runs: int, eval_tokens: int):
     import glob
     import importlib.util
@@ -186,6 +224,7 @@ def bench_smollm(workdir: Path, runs: int, eval_tokens: int):
     held_out = tokens[calibration_end:calibration_end + eval_tokens + 1]
 
     builds = {"fp32": [], "2:4": [P.Sparsify("2:4")],
+              "2:4 sparsegpt": [P.Sparsify("2:4", importance="hessian")],
               "2:4 magnitude": [P.Sparsify("2:4", importance="magnitude", correct=False)]}
     artifacts, reports = {}, {}
     for name, passes in builds.items():
@@ -213,7 +252,8 @@ def bench_smollm(workdir: Path, runs: int, eval_tokens: int):
     for name, artifact in artifacts.items():
         ppl = perplexity(artifact, held_out)[0] if name != "fp32" else base
         report = reports[name]
-        label = {"fp32": "fp32 dense", "2:4": "2:4 activation-aware, corrected",
+        label = {"fp32": "fp32 dense", "2:4": "2:4 activation-aware (Wanda), corrected",
+                 "2:4 sparsegpt": "2:4 SparseGPT (mask chosen during the correction)",
                  "2:4 magnitude": "2:4 magnitude only"}[name]
         extra = ""
         if report:
@@ -230,7 +270,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--budget", default="cosine>=0.95")
-    parser.add_argument("--only", choices=("kernels", "minilm", "smollm"))
+    parser.add_argument("--only", choices=("kernels", "minilm", "smollm", "compose"))
     parser.add_argument("--eval-tokens", type=int, default=20480)
     args = parser.parse_args(argv)
     import torch
@@ -241,6 +281,8 @@ def main(argv=None) -> int:
             bench_kernels(Path(tmp), args.runs)
         if args.only in (None, "minilm"):
             bench_minilm(Path(tmp), args.runs, args.budget)
+        if args.only in (None, "compose"):
+            bench_compose(Path(tmp), args.runs)
         if args.only in (None, "smollm"):
             bench_smollm(Path(tmp), args.runs, args.eval_tokens)
     return 0

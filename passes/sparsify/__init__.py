@@ -60,7 +60,7 @@ from graft.runtime.errors import GraftError
 
 PATTERNS = ("ffn_channels", "bsr", "N:M (2:4, 1:4, 4:8, ...)")
 BLOCK_STEPS = 20       # the block ratio is searched in steps of 1 / BLOCK_STEPS
-IMPORTANCES = ("activation", "magnitude")
+IMPORTANCES = ("activation", "magnitude", "hessian")
 CALIBRATION_ROWS = 4096  # activation rows per block kept for the least-squares refit
 RIDGE = 1e-3             # ridge strength, relative to the mean diagonal of X^T X
 
@@ -81,8 +81,9 @@ class Sparsify(GraftPass):
     exclude: fnmatch patterns of weights to leave dense (weight patterns).
     budget: "cosine>=C", "top1>=A" or "perplexity<=R", measured on calibration data against
         the original model (needs calibration data).
-    importance: "activation" (needs calibration data) or "magnitude"; default: activation
-        when calibration data is given.
+    importance: "activation" (needs calibration data), "magnitude", or for N:M with the
+        correction "hessian" (SparseGPT's saliency, the mask chosen as the correction goes);
+        default: activation when calibration data is given.
     correct: refit the kept down-projection columns and bias by least squares on calibration
         activations (default: whenever calibration data is given).
     multiple: channels kept per block are a multiple of this (whole vectors for the kernels).
@@ -117,6 +118,8 @@ class Sparsify(GraftPass):
         if importance is not None and importance not in IMPORTANCES:
             raise GraftError(f"sparsify importance {importance!r} is not known: expected one "
                              f"of {', '.join(IMPORTANCES)}")
+        if importance == "hessian" and pattern == "ffn_channels":
+            raise GraftError("sparsify importance 'hessian' is for N:M patterns")
         if not 0 < max_ratio < 1:
             raise GraftError(f"sparsify max_ratio {max_ratio!r}: expected a fraction below 1")
         self.pattern, self.ratio = pattern, ratio
@@ -386,7 +389,7 @@ class Sparsify(GraftPass):
             stored = state.params[name]
             w = stored.T if stored_kn else stored
             x_norm, gram = stats.get(name, (None, None))
-            scores = L.importance(w, x_norm if importance == "activation" else None)
+            scores = L.importance(w, x_norm if importance != "magnitude" else None)
             if self.block:
                 keep = L.block_mask(scores, self.block, ratio, self.group == "row")
                 elements = L.expand_block_mask(keep, self.block)
@@ -395,7 +398,8 @@ class Sparsify(GraftPass):
             if correct and gram is not None and self.block:
                 pruned = L.correct_block_rows(w, gram, elements, self.block[0])
             elif correct and gram is not None:
-                pruned = L.correct(w, gram, elements)
+                pruned, keep = L.correct(w, gram, elements, self.nm if importance == "hessian"
+                                         else None)
             else:
                 pruned = np.where(elements, w, 0).astype(w.dtype)
             out[name] = (keep, np.ascontiguousarray(pruned))
@@ -413,9 +417,13 @@ class Sparsify(GraftPass):
         calibrated = bool(state.calibration)
         importance = self.importance or ("activation" if calibrated else "magnitude")
         correct = calibrated if self.correct is None else self.correct
-        if (importance == "activation" or correct or self.budget) and not calibrated:
+        if (importance != "magnitude" or correct or self.budget) and not calibrated:
             raise GraftError("sparsify: activation importance, the correction and an accuracy "
                              "budget need calibration data (calibration= / --calibration)")
+        if importance == "hessian" and not (self.nm and correct):
+            raise GraftError("sparsify importance 'hessian' (SparseGPT's saliency) chooses N:M "
+                             "masks during the correction: it needs an N:M pattern and "
+                             "correct=True")
         search, held_out = self._split(state.calibration) if calibrated else ([], [])
         fit, search = (search[:len(search) // 2], search[len(search) // 2:]) \
             if len(search) > 1 else (search, search)

@@ -2,8 +2,9 @@
 (masks by importance), the one-shot correction of the kept ones, and the sparse formats.
 
 Importance of a weight W[n, k]: |W[n, k]| ("magnitude"), or |W[n, k]| * ||x[:, k]|| over the
-calibration activations of the layer's input ("activation", Wanda's criterion). Comparison
-groups:
+calibration activations of the layer's input ("activation", Wanda's criterion), or, for N:M
+with the correction, SparseGPT's saliency w^2 / [H^-1]_kk^2 taken as the correction goes
+("hessian", H = X^T X). Comparison groups:
 
 - "bsr": blocks of (bn outputs x bk inputs), each scored by the sum of its weights' importance;
   the lowest-scoring `ratio` of the layer's blocks are removed (per layer), or of each block
@@ -137,10 +138,14 @@ def correct_block_rows(weight: np.ndarray, gram: np.ndarray, keep: np.ndarray,
     return out.astype(weight.dtype)
 
 
-def correct(weight: np.ndarray, gram: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """W [N, K] with the weights outside `keep` removed and the kept ones updated (SparseGPT's
-    update with a fixed mask) to keep x @ W.T close to the original on activations whose
-    X^T X is `gram`."""
+def correct(weight: np.ndarray, gram: np.ndarray, keep: np.ndarray | None,
+            choose_nm: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(W [N, K] with the weights outside the mask removed and the kept ones updated, the
+    mask): SparseGPT's update, keeping x @ W.T close to the original on activations whose
+    X^T X is `gram`. The mask is `keep`, or with `choose_nm` = (N, M) it is chosen as the
+    update goes (SparseGPT's N:M selection): of each M inputs, the N whose removal costs
+    most, w^2 / [H^-1]_jj^2, with w as updated so far."""
+    keep = np.zeros(weight.shape, bool) if choose_nm else keep.copy()
     w = weight.astype(np.float64).copy()
     h = _damped(gram)
     w[:, np.diag(gram) == 0] = 0.0
@@ -148,7 +153,9 @@ def correct(weight: np.ndarray, gram: np.ndarray, keep: np.ndarray) -> np.ndarra
         inverse = np.linalg.inv(h)
         upper = np.linalg.cholesky(inverse).T   # H^-1 = U^T U, U upper triangular
     except np.linalg.LinAlgError:
-        return np.where(keep, weight, 0).astype(weight.dtype)
+        if choose_nm:
+            keep = nm_mask(np.abs(weight), *choose_nm)
+        return np.where(keep, weight, 0).astype(weight.dtype), keep
     k = w.shape[1]
     for start in range(0, k, CORRECTION_BLOCK):
         end = min(start + CORRECTION_BLOCK, k)
@@ -156,13 +163,17 @@ def correct(weight: np.ndarray, gram: np.ndarray, keep: np.ndarray) -> np.ndarra
         errors = np.zeros_like(block)
         for i in range(end - start):
             col = start + i
+            if choose_nm and col % choose_nm[1] == 0:
+                kept, group = choose_nm
+                cost = block[:, i:i + group] ** 2 / np.diag(upper)[col:col + group] ** 2
+                keep[:, col:col + group] = nm_mask(cost, kept, group)
             removed = ~keep[:, col]
             err = np.where(removed, block[:, i], 0.0) / upper[col, col]
             block[:, i:] -= err[:, None] * upper[col, col:end][None, :]
             block[removed, i] = 0.0
             errors[:, i] = err
         w[:, end:] -= errors @ upper[start:end, end:]
-    return np.where(keep, w, 0.0).astype(weight.dtype)
+    return np.where(keep, w, 0.0).astype(weight.dtype), keep
 
 
 def pack(pattern: str, weight: np.ndarray, keep: np.ndarray, block=None) -> dict:
