@@ -33,9 +33,9 @@ by kernels that skip the zeros (`graft.codegen.sparse`):
     P.Sparsify("bsr", block="32x1", budget="cosine>=0.95")
     P.Sparsify("2:4")                                     # N:M, M dividing 16
 
-Importance is |W| ("magnitude") or |W| * ||x|| per input channel ("activation"); with
-calibration data the kept weights are corrected (SparseGPT's update with the mask fixed). A
-budget searches the block ratio (N:M has its own ratio, 1 - N/M, and a budget only checks
+Importance is |W| ("magnitude") or |W| * ||x|| per input channel ("activation"), or for N:M
+SparseGPT's own choice as it corrects ("hessian"); with calibration data the kept weights are
+corrected (least squares per BSR block row, SparseGPT's update for N:M). A budget searches the block ratio (N:M has its own ratio, 1 - N/M, and a budget only checks
 it). On a target without the kernels (CUDA, CPUs without AVX-512) the pruned weights stay
 dense, and the manifest says so.
 """
@@ -66,7 +66,7 @@ RIDGE = 1e-3             # ridge strength, relative to the mean diagonal of X^T 
 
 
 class Sparsify(GraftPass):
-    """Structured pruning of feed-forward channels.
+    """Pruning within an accuracy budget: feed-forward channels, BSR blocks or N:M.
 
     pattern: "ffn_channels" (whole channels of every feed-forward block's intermediate
         dimension; the products shrink), "bsr" (blocks of every linear layer's weight) or
@@ -315,13 +315,7 @@ class Sparsify(GraftPass):
             return values[i]
 
         with progress.step(f"searching the fraction of channels to remove for {self.budget}"):
-            low, high = 0, len(ratios) - 1   # the answer lies in [low, high]
-            while low < high:
-                mid = (low + high + 1) // 2
-                if self.budget.holds(value_at(mid)):
-                    low = mid
-                else:
-                    high = mid - 1
+            low = _largest_holding(len(ratios), lambda i: self.budget.holds(value_at(i)))
         ratio = ratios[low]
         weights = self._weights_at(state, evaluator, blocks, plan(ratio), hidden, correct)
         reached = value_at(low)
@@ -337,11 +331,11 @@ class Sparsify(GraftPass):
                              "a looser budget")
         return ratio, summary
 
-
     # --- weight patterns: bsr, N:M -----------------------------------------------------------
 
     def _linear_layers(self, state) -> tuple[dict, dict]:
-        """({name: [N, K]} of the linear layers to prune, {name: why left dense})."""
+        """({name: ((N, K), stored as [K, N])} of the linear layers to prune, {name: why
+        they stay dense})."""
         kind = "bsr" if self.block else "nm"
         layers, skipped = {}, {}
         for name, read in weight_reads(state.mod, state.signatures).items():
