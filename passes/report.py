@@ -1,7 +1,8 @@
 """report.html: the pass table and per-layer plots from passes.json, for a person to read.
 
 Plain HTML with inline SVG bar charts: no scripts, no network, opens anywhere. Plots appear
-for what passes report per layer (today: Quantize's weight error, sensitivity and precision).
+for what passes report per layer: Quantize's weight error, sensitivity and precision, and
+Sparsify's sparsity.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def _summary(did) -> str:
 def _layer_plot(record: dict) -> str:
     layers = record["did"]["layers"]
     names = list(layers)
-    metrics = [m for m in ("weight_error", "sensitivity") if any(m in v for v in layers.values())]
+    metrics = [m for m in ("weight_error", "sensitivity", "sparsity")
+               if any(m in v for v in layers.values())]
     charts = []
     width, bar = 900, 10
     for metric in metrics:
@@ -64,10 +66,13 @@ def _layer_plot(record: dict) -> str:
         height = len(names) * (bar + 2)
         charts.append(f"<h3>{metric.replace('_', ' ')} by layer</h3><svg width={width} "
                       f"height={height}>{''.join(bars)}</svg>")
-    legend = " ".join(f"<span style='color:{c}'>&#9632; {p}</span>"
-                      for p, c in PRECISION_COLORS.items())
+    legend = ""
+    if any("precision" in v for v in layers.values()):
+        legend = "<p>bar color: precision chosen &mdash; " + " ".join(
+            f"<span style='color:{c}'>&#9632; {p}</span>" for p, c in PRECISION_COLORS.items()
+        ) + "</p>"
     return (f"<h2>{_e(record['pass'])} (pass {record['index']:03d}): per layer</h2>"
-            f"<p>bar color: precision chosen &mdash; {legend}</p>" + "".join(charts))
+            + legend + "".join(charts))
 
 
 def _e(text) -> str:

@@ -326,3 +326,17 @@ def test_sparsegpt_selection_keeps_n_of_m_and_beats_a_fixed_mask():
     assert (mask.reshape(64, 32, 4).sum(axis=2) == 2).all()
     assert not chosen[~mask].any()
     assert error(chosen) < error(corrected) < error(w * wanda)
+
+
+def test_sparsity_per_layer_in_passes_json_and_report(tmp_path):
+    import json
+
+    graft.compile(MLP().eval(), (torch.randn(2, 64),), dump_dir=tmp_path / "dumps",
+                  passes=[P.Sparsify("bsr", block="32x1", ratio=0.75, importance="magnitude")])
+    records = json.loads((tmp_path / "dumps" / "passes.json").read_text())
+    sparsify = next(r for r in records if r["pass"] == "sparsify")
+    assert {n: v["sparsity"] for n, v in sparsify["did"]["layers"].items()} == {
+        "p_up_weight": 0.75, "p_down_weight": 0.75}
+    assert sparsify["param_bytes"] < records[0]["param_bytes"] * 0.4
+    report = (tmp_path / "dumps" / "report.html").read_text()
+    assert "sparsity by layer" in report and "p_down_weight" in report
