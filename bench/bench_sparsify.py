@@ -92,7 +92,7 @@ def bench_kernels(workdir: Path, runs: int):
         runtimes, references = {}, {}
         for pattern, block, ratio in (("dense", None, 0.0), *KERNEL_CASES):
             name = pattern if pattern != "bsr" else f"bsr {block} {ratio:.0%}"
-            where = workdir / f"{m}x{k}x{n} {name}"  # one directory per build: see README
+            where = workdir / f"{m}x{k}x{n} {name}"
             passes = [] if pattern == "dense" else [
                 P.Sparsify(pattern, ratio=ratio, importance="magnitude",
                            **({"block": block} if block else {}))]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import threading
 from pathlib import Path
 
@@ -51,6 +53,27 @@ def device_for(kind: str):
     raise ArtifactError(f"unknown device kind {kind!r} in the manifest (expected cpu or cuda)")
 
 
+_loaded_libraries: dict[str, tuple] = {}   # real path -> the file's identity when loaded
+
+
+def load_library(path: Path):
+    """The compiled module at `path`. dlopen hands back the library it already loaded from a
+    path, even when that file has since been replaced (an artifact compiled again into the same
+    directory): a replaced file is loaded from a private copy instead."""
+    real = os.path.realpath(path)
+    stat = os.stat(real)
+    identity = (stat.st_dev, stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    if _loaded_libraries.setdefault(real, identity) == identity:
+        return tvm.runtime.load_module(real)
+    fd, copy = tempfile.mkstemp(prefix="graft-model-", suffix=".so")
+    os.close(fd)
+    try:
+        shutil.copyfile(real, copy)
+        return tvm.runtime.load_module(copy)
+    finally:
+        os.unlink(copy)
+
+
 class Artifact:
     """A loaded, verified artifact: its manifest, library and parameters (bound once)."""
 
@@ -61,7 +84,7 @@ class Artifact:
         if not _threads_configured and self.device.dlpack_device_type() == 1:
             configure_threads()
         try:
-            self.library = tvm.runtime.load_module(str(self.path / LIBRARY))
+            self.library = load_library(self.path / LIBRARY)
         except Exception as err:  # TVM raises its own error types
             raise ArtifactError(f"could not load {LIBRARY} from {str(self.path)!r}: {err}") from None
         host_params = read_safetensors(self.path / PARAMS)

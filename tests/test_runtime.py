@@ -164,3 +164,18 @@ def test_loading_uses_every_core(tiny_artifact):
     assert result.returncode == 0, result.stderr
     used, cores = map(int, result.stdout.split())
     assert used == cores
+
+
+def test_an_artifact_compiled_again_into_the_same_directory_runs_its_new_code(tmp_path):
+    """dlopen returns the library it loaded from a path before, even once the file there was
+    replaced; the loader must run the new model.so."""
+    import torch
+
+    x = np.ones((2, 8), np.float32)
+    for out_features in (4, 6):
+        layer = torch.nn.Linear(8, out_features).eval()
+        graft.compile(layer, (torch.from_numpy(x),)).save(tmp_path / "art")
+        got = graft.load(tmp_path / "art")(x)
+        with torch.no_grad():
+            np.testing.assert_allclose(got, layer(torch.from_numpy(x)).numpy(), rtol=1e-5,
+                                       atol=1e-5)
