@@ -11,7 +11,7 @@ fp32 build, in one process on the same inputs.
 
     Kernels, (M, K, N) = (1024, 384, 1536) and (1024, 1536, 384), random weights: graft's dense
         fp32 product against the same layer pruned by magnitude (`Sparsify("bsr")` at 75% and
-        90% of its blocks, and `Sparsify("1:4")`), each compiled by graft as a one-layer model;
+        90% of its blocks, `Sparsify("1:4")`, and unstructured at 75% and 90%), each compiled by graft as a one-layer model;
         every result is compared with numpy's dense product (in float64) of the weight pruned
         here, the largest difference printed relative to the largest output.
 
@@ -50,7 +50,8 @@ warnings.filterwarnings("ignore")
 KERNEL_SHAPES = ((1024, 384, 1536), (1024, 1536, 384))
 KERNEL_CASES = (("bsr", "16x1", 0.75), ("bsr", "32x1", 0.75), ("bsr", "64x1", 0.75),
                 ("bsr", "16x1", 0.9), ("bsr", "32x1", 0.9), ("bsr", "64x1", 0.9),
-                ("1:4", None, 0.75))
+                ("1:4", None, 0.75), ("unstructured", None, 0.75),
+                ("unstructured", None, 0.9))
 
 
 def pruned_by_magnitude(w, pattern: str, block, ratio: float):
@@ -66,6 +67,10 @@ def pruned_by_magnitude(w, pattern: str, block, ratio: float):
         keep[np.argsort(-scores.ravel(), kind="stable")[:int(round(scores.size * (1 - ratio)))]] \
             = True
         mask = np.kron(keep.reshape(scores.shape), np.ones((bn, bk), bool))
+    elif pattern == "unstructured":  # each row its own weights of largest magnitude
+        order = np.argsort(-np.abs(w), axis=1, kind="stable")[:, :int(round(k * (1 - ratio)))]
+        mask = np.zeros((n, k), bool)
+        np.put_along_axis(mask, order, True, axis=1)
     else:
         kept, group = (int(v) for v in pattern.split(":"))
         order = np.argsort(-np.abs(w).reshape(n, k // group, group), axis=2, kind="stable")
@@ -91,7 +96,8 @@ def bench_kernels(workdir: Path, runs: int):
         x = gen.standard_normal((m, k)).astype(np.float32)
         runtimes, references = {}, {}
         for pattern, block, ratio in (("dense", None, 0.0), *KERNEL_CASES):
-            name = pattern if pattern != "bsr" else f"bsr {block} {ratio:.0%}"
+            name = {"bsr": f"bsr {block} {ratio:.0%}",
+                    "unstructured": f"unstr. {ratio:.0%}"}.get(pattern, pattern)
             where = workdir / f"{m}x{k}x{n} {name}"
             passes = [] if pattern == "dense" else [
                 P.Sparsify(pattern, ratio=ratio, importance="magnitude",

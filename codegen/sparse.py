@@ -227,3 +227,85 @@ def p16_matmul_func(m, k: int, n: int, p: int) -> tirx.PrimFunc:
                     task % col_tiles * vecs, 1)
 
     return p16_matmul
+
+
+# --- unstructured: p:16 with a count per (16 outputs, 16 inputs) tile ---------------------------
+
+def pack_unstructured(weight: np.ndarray, keep: np.ndarray) -> dict:
+    """W [N, K] and any mask `keep` [N, K] -> slots of 16 outputs: for each 16 x 16 tile, as
+    many slots as its fullest output keeps (the others padded with zero values).
+        values  float32 [slots, 16]    index uint8 [slots, 16] (input within the chunk)
+        offsets int32   [N / 16 * K / 16 + 1]   tile (v, c)'s slots: offsets[v * K/16 + c] ..
+    """
+    n, k = weight.shape
+    tiles = keep.reshape(n // LANES, LANES, k // LANES, LANES).transpose(0, 2, 1, 3)
+    w = weight.reshape(n // LANES, LANES, k // LANES, LANES).transpose(0, 2, 1, 3)
+    counts = tiles.sum(axis=3).max(axis=2).reshape(-1)          # [N/16 * K/16]
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    values = np.zeros((max(int(offsets[-1]), 1), LANES), np.float32)
+    index = np.zeros(values.shape, np.uint8)
+    order = np.argsort(~tiles, axis=3, kind="stable")           # kept inputs first, ascending
+    flat_tiles, flat_w = tiles.reshape(-1, LANES, LANES), w.reshape(-1, LANES, LANES)
+    flat_order = order.reshape(-1, LANES, LANES)
+    for t in np.nonzero(counts)[0]:
+        count, start = counts[t], offsets[t]
+        chosen = flat_order[t, :, :count]                        # [16 lanes, count]
+        lanes = np.arange(LANES)[:, None]
+        kept = flat_tiles[t][lanes, chosen]
+        values[start:start + count] = np.where(kept, flat_w[t][lanes, chosen], 0).T
+        index[start:start + count] = np.where(kept, chosen, 0).T
+    return {"values": values, "index": index, "offsets": offsets}
+
+
+def unpack_unstructured(arrays: dict, shape: tuple[int, int]) -> np.ndarray:
+    n, k = shape
+    dense = np.zeros((n // LANES, k // LANES, LANES, LANES), np.float32)  # [v, c, lane, input]
+    offsets = arrays["offsets"]
+    for t in range(len(offsets) - 1):
+        v, c = divmod(t, k // LANES)
+        for s in range(offsets[t], offsets[t + 1]):
+            dense[v, c, np.arange(LANES), arrays["index"][s]] += arrays["values"][s]
+    return dense.transpose(0, 2, 1, 3).reshape(n, k)
+
+
+def unstructured_matmul_func(m, k: int, n: int, slots: int) -> tirx.PrimFunc:
+    """out [m, n] = x [m, k] @ W.T for W packed by `pack_unstructured`; m may be symbolic."""
+    rows = 1 if isinstance(m, int) and m < 8 else 8
+    chunks, vectors = k // LANES, n // LANES
+    m_var = m
+
+    @T.macro
+    def tile_at(x, values, index, offsets, out, i0, nv, tile):
+        acc = T.decl_buffer((tile * 16,), "float32", scope="local")
+        xv = T.decl_buffer((tile * 16,), "float32", scope="local")
+        for r in T.unroll(tile):
+            acc[T.ramp(r * 16, 1, 16)] = T.broadcast(T.float32(0), 16)
+        for c in range(chunks):
+            for r in T.unroll(tile):
+                xv[T.ramp(r * 16, 1, 16)] = x[i0 + r, T.ramp(c * 16, 1, 16)]
+            for s in range(offsets[nv * chunks + c], offsets[nv * chunks + c + 1]):
+                for r in T.unroll(tile):
+                    acc[T.ramp(r * 16, 1, 16)] = acc[T.ramp(r * 16, 1, 16)] + \
+                        T.call_llvm_pure_intrin(
+                            "float32x16", "llvm.x86.avx512.permvar.sf.512",
+                            xv[T.ramp(r * 16, 1, 16)],
+                            T.Cast("int32x16", index[s, T.ramp(0, 1, 16)])) \
+                        * values[s, T.ramp(0, 1, 16)]
+        for r in T.unroll(tile):
+            out[i0 + r, T.ramp(nv * 16, 1, 16)] = acc[T.ramp(r * 16, 1, 16)]
+
+    @T.prim_func(private=True)
+    def unstructured_matmul(x: T.Buffer((m_var, k), "float32"),
+                            values: T.Buffer((slots, 16), "float32"),
+                            index: T.Buffer((slots, 16), "uint8"),
+                            offsets: T.Buffer((vectors * chunks + 1,), "int32"),
+                            out: T.Buffer((m_var, n), "float32")):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8,
+                     "graft.schedule_rule": "UnstructuredMatmul"})
+        for task in T.parallel(m_var // rows * vectors):
+            tile_at(x, values, index, offsets, out, task // vectors * rows, task % vectors, rows)
+        for task in T.parallel(m_var % rows * vectors):
+            tile_at(x, values, index, offsets, out, m_var // rows * rows + task // vectors,
+                    task % vectors, 1)
+
+    return unstructured_matmul

@@ -97,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
                         "first axis counts samples (a causal LM: input_ids [samples, tokens]), "
                         "or a directory of .npz files, one sample each")
     s = p.add_argument_group("sparsity (pruning, before quantization)")
-    s.add_argument("--sparsify", metavar="ffn_channels|bsr|N:M",
+    s.add_argument("--sparsify", metavar="ffn_channels|bsr|unstructured|N:M",
                    help="ffn_channels: remove whole intermediate channels of every "
                         "feed-forward block, ranked by activation x weight norm on "
                         "--calibration (weight norms without it), the kept down-projection "
@@ -105,7 +105,8 @@ def _parser() -> argparse.ArgumentParser:
                         "the least important blocks (--sparse-block) of every linear layer, "
                         "stored block-sparse and run by a kernel that skips them. N:M (2:4, "
                         "1:4, 4:8, ...; M dividing 16): keep N of every M inputs of every "
-                        "output. bsr and N:M rank weights by |W| x ||x|| on --calibration "
+                        "output. unstructured: remove --sparsity of every output's weights. "
+                        "bsr, unstructured and N:M rank weights by |W| x ||x|| on --calibration "
                         "(|W| without it) and correct the kept ones by least squares")
     s.add_argument("--sparsity", type=float, metavar="FRACTION",
                    help="fraction of each block's channels (bsr: of each layer's blocks) to "

@@ -80,6 +80,25 @@ def test_p16_kernel_matches_numpy(p, m):
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 1.0])
+@pytest.mark.parametrize("m", [1, 9, 64, "symbolic"])
+def test_unstructured_kernel_matches_numpy(density, m):
+    rows = 21 if m == "symbolic" else m
+    k, n = 96, 160
+    w = GEN.standard_normal((n, k)).astype(np.float32)
+    x = GEN.standard_normal((rows, k)).astype(np.float32)
+    keep = GEN.random((n, k)) < density
+    arrays = sparse.pack_unstructured(w, keep)
+    np.testing.assert_array_equal(sparse.unpack_unstructured(arrays, (n, k)), w * keep)
+    tiles = keep.reshape(n // 16, 16, k // 16, 16).sum(axis=3).max(axis=1)  # fullest output
+    assert arrays["offsets"][-1] == tiles.sum()
+    func = sparse.unstructured_matmul_func(
+        tvm.tirx.Var("m", "int64") if m == "symbolic" else rows, k, n, arrays["values"].shape[0])
+    out = run_kernel(func, [x, arrays["values"], arrays["index"], arrays["offsets"]], (rows, n))
+    expected = x.astype(np.float64) @ (w * keep).T.astype(np.float64)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-4)
+
+
 def test_p16_refuses_an_uneven_mask():
     keep = np.zeros((16, 16), bool)
     keep[:, :4] = True
@@ -146,7 +165,10 @@ def pruned_here(w: np.ndarray, pattern: str, block=None, ratio=None, scale=None)
     n, k = w.shape
     score = np.abs(w.astype(np.float64)) * (1 if scale is None else scale[None, :])
     keep = np.zeros((n, k), bool)
-    if pattern == "bsr":
+    if pattern == "unstructured":  # per row
+        for r in range(n):
+            keep[r, np.argsort(-score[r], kind="stable")[:round(k * (1 - ratio))]] = True
+    elif pattern == "bsr":
         bn, bk = block
         blocks = [(score[r:r + bn, c:c + bk].sum(), r, c)
                   for r in range(0, n, bn) for c in range(0, k, bk)]
@@ -162,7 +184,7 @@ def pruned_here(w: np.ndarray, pattern: str, block=None, ratio=None, scale=None)
 
 @pytest.mark.parametrize("pattern,options", [
     ("bsr", {"block": "16x1", "ratio": 0.75}), ("bsr", {"block": "32x4", "ratio": 0.5}),
-    ("2:4", {}), ("1:4", {}), ("4:8", {})])
+    ("2:4", {}), ("1:4", {}), ("4:8", {}), ("unstructured", {"ratio": 0.7})])
 def test_pruned_model_matches_torch_with_the_same_weights_removed(tmp_path, pattern, options):
     model = MLP().eval()
     x = torch.randn(3, 5, 64)
@@ -180,7 +202,8 @@ def test_pruned_model_matches_torch_with_the_same_weights_removed(tmp_path, patt
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     assert np.abs(got - full).max() > 1e-2  # really pruned
     did = compiled.manifest["passes"][0]["did"]
-    assert did["kernel"] == ("bsr_matmul" if pattern == "bsr" else "p16_matmul")
+    assert did["kernel"] == {"bsr": "bsr_matmul", "unstructured": "unstructured_matmul"}.get(
+        pattern, "p16_matmul")
     assert did["weight_bytes"]["after"] < did["weight_bytes"]["before"]
     assert set(did["layers"]) == {"p_up_weight", "p_down_weight"}
 

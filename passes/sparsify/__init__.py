@@ -58,7 +58,7 @@ from graft.passes.sparsify.ffn import (FFNBlock, find_ffn_blocks, resize_weights
                                        take_channels)
 from graft.runtime.errors import GraftError
 
-PATTERNS = ("ffn_channels", "bsr", "N:M (2:4, 1:4, 4:8, ...)")
+PATTERNS = ("ffn_channels", "bsr", "unstructured", "N:M (2:4, 1:4, 4:8, ...)")
 BLOCK_STEPS = 20       # the block ratio is searched in steps of 1 / BLOCK_STEPS
 IMPORTANCES = ("activation", "magnitude", "hessian")
 CALIBRATION_ROWS = 4096  # activation rows per block kept for the least-squares refit
@@ -95,12 +95,13 @@ class Sparsify(GraftPass):
     def __init__(self, pattern: str = "ffn_channels", *, ratio: float | None = None,
                  budget: str | None = None, importance: str | None = None,
                  correct: bool | None = None, multiple: int = 16, max_ratio: float = 0.9,
-                 held_out: float = 0.25, block="16x1", group: str = "layer",
+                 held_out: float = 0.25, block="16x1", group: str | None = None,
                  exclude: tuple = ()):
         self.nm = L.parse_nm(pattern)
-        if pattern not in PATTERNS[:2] and self.nm is None:
+        if pattern not in PATTERNS[:3] and self.nm is None:
             raise GraftError(f"sparsify pattern {pattern!r} is not known: expected one of "
                              f"{', '.join(PATTERNS)}")
+        group = group or ("row" if pattern == "unstructured" else "layer")
         if group not in ("layer", "row"):
             raise GraftError(f"sparsify group {group!r}: expected 'layer' or 'row'")
         self.block = L.parse_block(block) if pattern == "bsr" else None
@@ -133,8 +134,9 @@ class Sparsify(GraftPass):
                    "importance": self.importance, "correct": self.correct}
         if self.pattern == "ffn_channels":
             return {**options, "multiple": self.multiple}
-        return {**options, **({"block": "x".join(map(str, self.block)), "group": self.group}
-                              if self.block else {}), "exclude": list(self.exclude)}
+        return {**options, **({"block": "x".join(map(str, self.block))} if self.block else {}),
+                **({"group": self.group} if self.nm is None else {}),
+                "exclude": list(self.exclude)}
 
     def run(self, state: CompileState) -> dict:
         function = _measured_function(state)
@@ -333,10 +335,14 @@ class Sparsify(GraftPass):
 
     # --- weight patterns: bsr, N:M -----------------------------------------------------------
 
+    def _format(self) -> str:
+        """The storage format: "bsr", "p16" (N:M) or "unstructured"."""
+        return "bsr" if self.block else ("p16" if self.nm else "unstructured")
+
     def _linear_layers(self, state) -> tuple[dict, dict]:
         """({name: ((N, K), stored as [K, N])} of the linear layers to prune, {name: why
         they stay dense})."""
-        kind = "bsr" if self.block else "nm"
+        kind = self._format()
         layers, skipped = {}, {}
         for name, read in weight_reads(state.mod, state.signatures).items():
             if not read.is_linear:
@@ -387,6 +393,8 @@ class Sparsify(GraftPass):
             if self.block:
                 keep = L.block_mask(scores, self.block, ratio, self.group == "row")
                 elements = L.expand_block_mask(keep, self.block)
+            elif self.nm is None:
+                keep = elements = L.element_mask(scores, ratio, self.group == "row")
             else:
                 keep = elements = L.nm_mask(scores, *self.nm)
             if correct and gram is not None and self.block:
@@ -437,7 +445,7 @@ class Sparsify(GraftPass):
                            for name, (_, w) in pruned.items()}
                 return evaluator.measure(metric, weights, on)
 
-            if self.budget is not None and self.block:
+            if self.budget is not None and self.nm is None:
                 ratios = [i / BLOCK_STEPS for i in range(int(self.max_ratio * BLOCK_STEPS) + 1)]
                 values: dict = {}
 
@@ -446,7 +454,7 @@ class Sparsify(GraftPass):
                         values[i] = value(pruned_at(ratios[i]), "search")
                     return self.budget.holds(values[i])
 
-                with progress.step(f"searching the fraction of blocks to remove for "
+                with progress.step(f"searching the fraction of weights to remove for "
                                    f"{self.budget}"):
                     ratio = ratios[_largest_holding(len(ratios), holds)]
                 measured["tried"] = {f"{ratios[i]:.3f}": round(v, 6)
@@ -470,16 +478,16 @@ class Sparsify(GraftPass):
                     f"sparsify {self.pattern}: the budget {self.budget} does not hold: "
                     f"removing {ratio:.0%} of the weights reached {metric} {reached:.4f} "
                     "(on held-out calibration samples); give a looser budget" +
-                    (" or a lower ratio" if not self.block else ""))
+                    (" or a lower ratio" if self.nm else ""))
         else:
             ratio = self.ratio
             pruned = pruned_at(ratio)
 
         kernels = sparse.sparse_kernels_available(state.target)
-        kind = "bsr" if self.block else "p16"
+        kind = self._format()
         plan, per_layer = {}, {}
         for name, (keep, w) in pruned.items():
-            arrays = L.pack("bsr" if self.block else "nm", w, keep, self.block)
+            arrays = L.pack(kind, w, keep, self.block)
             stored_bytes = sum(a.nbytes for a in arrays.values())
             per_layer[name] = {"shape": list(layers[name][0]),
                                "sparsity": round(float(1 - np.count_nonzero(w) / w.size), 4),
@@ -487,7 +495,7 @@ class Sparsify(GraftPass):
             if self.block:
                 per_layer[name]["blocks_kept"] = int(keep.sum())
             if kernels:
-                plan[name] = {"pattern": "bsr" if self.block else "p16", "shape": w.shape,
+                plan[name] = {"pattern": kind, "shape": w.shape,
                               "block": self.block, "arrays": arrays,
                               "stored_kn": layers[name][1]}
             else:

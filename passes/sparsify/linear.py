@@ -10,7 +10,9 @@ with the correction, SparseGPT's saliency w^2 / [H^-1]_kk^2 taken as the correct
   the lowest-scoring `ratio` of the layer's blocks are removed (per layer), or of each block
   row's (`group="row"`: every block row keeps the same count);
 - "N:M": in every output row, of each M consecutive inputs the N most important are kept
-  (stored as p:16, p = 16 N / M; M must divide 16).
+  (stored as p:16, p = 16 N / M; M must divide 16);
+- "unstructured": the lowest-scoring `ratio` of each row's weights (`group="row"`, Wanda's
+  per-output comparison, the default) or of the layer's.
 
 Correction (`correct`): the kept weights are updated so that the layer's output on the
 calibration activations moves as little as it can, with the mask fixed. Where rows share
@@ -64,6 +66,21 @@ def importance(weight: np.ndarray, x_norm: np.ndarray | None) -> np.ndarray:
     """|W| or |W| * ||x_k||, for W [N, K]."""
     scores = np.abs(weight.astype(np.float64))
     return scores * x_norm[None, :] if x_norm is not None else scores
+
+
+def element_mask(scores: np.ndarray, ratio: float, per_row: bool) -> np.ndarray:
+    """Element mask [N, K]: the highest-scoring (1 - ratio) of the layer's weights, or of
+    each row's (`per_row`: every output keeps the same count)."""
+    n, k = scores.shape
+    keep = np.zeros((n, k), bool)
+    if per_row:
+        count = int(round(k * (1 - ratio)))
+        np.put_along_axis(keep, np.argsort(-scores, axis=1, kind="stable")[:, :count], True,
+                          axis=1)
+    else:
+        count = int(round(n * k * (1 - ratio)))
+        keep.ravel()[np.argsort(-scores.ravel(), kind="stable")[:count]] = True
+    return keep
 
 
 def fits(pattern: str, shape: tuple[int, int], block=None) -> str | None:
@@ -177,7 +194,10 @@ def correct(weight: np.ndarray, gram: np.ndarray, keep: np.ndarray | None,
 
 
 def pack(pattern: str, weight: np.ndarray, keep: np.ndarray, block=None) -> dict:
-    """The stored arrays of W [N, K] pruned to `keep` (blocks for "bsr", elements for N:M)."""
+    """The stored arrays of W [N, K] pruned to `keep` (blocks for "bsr", elements for "p16"
+    and "unstructured")."""
     if pattern == "bsr":
         return sparse.pack_bsr(weight, keep, block)
+    if pattern == "unstructured":
+        return sparse.pack_unstructured(weight, keep)
     return sparse.pack_p16(weight, keep)

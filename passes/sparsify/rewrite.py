@@ -4,7 +4,8 @@ arrays through a kernel that skips the zeros (see `graft.codegen.sparse`).
     t = permute_dims(W)                x2 = reshape(x, [rows, K])         (x of rank > 2 only)
     y = matmul(x, t)            ->     y2 = call_tir(bsr_matmul, (x2, W.data, W.indices, W.indptr))
                                        y  = reshape(y2, [..., N])
-    (p:16: call_tir(p16_matmul, (x2, W.values, W.index)))
+    (p:16: call_tir(p16_matmul, (x2, W.values, W.index)); unstructured: call_tir(
+     unstructured_matmul, (x2, W.values, W.index, W.offsets)))
 
 W itself is dropped once nothing reads it.
 """
@@ -65,6 +66,11 @@ class _ReadSparse(relax.PyExprMutator):
             make = lambda: sparse.bsr_matmul_func(  # noqa: E731
                 tvm.tirx.Var("m", "int64") if symbolic else rows, k, n, entry["block"],
                 arrays["data"].shape[0], self.cores)
+        elif entry["pattern"] == "unstructured":
+            slots = arrays["values"].shape[0]
+            key = ("unstructured", None if symbolic else rows, n, k, slots)
+            make = lambda: sparse.unstructured_matmul_func(  # noqa: E731
+                tvm.tirx.Var("m", "int64") if symbolic else rows, k, n, slots)
         else:
             p = arrays["values"].shape[2]
             key = ("p16", None if symbolic else rows, n, k, p)
