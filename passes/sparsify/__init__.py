@@ -31,13 +31,14 @@ by kernels that skip the zeros (`graft.codegen.sparse`):
 
     P.Sparsify("bsr", block="16x1", ratio=0.75)          # 75% of each layer's 16x1 blocks
     P.Sparsify("bsr", block="32x1", budget="cosine>=0.95")
+    P.Sparsify("unstructured", ratio=0.5)                 # half of every output's weights
     P.Sparsify("2:4")                                     # N:M, M dividing 16
 
 Importance is |W| ("magnitude") or |W| * ||x|| per input channel ("activation"), or for N:M
 SparseGPT's own choice as it corrects ("hessian"); with calibration data the kept weights are
-corrected (least squares per BSR block row, SparseGPT's update for N:M). A budget searches the block ratio (N:M has its own ratio, 1 - N/M, and a budget only checks
-it). On a target without the kernels (CUDA, CPUs without AVX-512) the pruned weights stay
-dense, and the manifest says so.
+corrected (least squares per BSR block row, SparseGPT's update otherwise). A budget searches
+the ratio (N:M has its own, 1 - N/M, and a budget only checks it). On a target without the
+kernels (CUDA, CPUs without AVX-512) the pruned weights stay dense, and the manifest says so.
 """
 
 from __future__ import annotations
@@ -69,15 +70,16 @@ class Sparsify(GraftPass):
     """Pruning within an accuracy budget: feed-forward channels, BSR blocks or N:M.
 
     pattern: "ffn_channels" (whole channels of every feed-forward block's intermediate
-        dimension; the products shrink), "bsr" (blocks of every linear layer's weight) or
-        "N:M" (such as "2:4": N of every M consecutive inputs of every output channel).
+        dimension; the products shrink), "bsr" (blocks of every linear layer's weight),
+        "unstructured" (single weights) or "N:M" (such as "2:4": N of every M consecutive
+        inputs of every output channel).
     ratio: fraction of each block's channels (of each layer's blocks, for "bsr") to remove;
         with a budget, the largest fraction the budget allows is searched instead (up to
         `max_ratio`). N:M removes 1 - N/M.
     block: "bsr"'s block, outputs x inputs ("16x1", "32x1", "16x4", ...; outputs a
         multiple of 16).
-    group: "layer" (blocks compared across the whole layer) or "row" (every block row keeps
-        the same count).
+    group: "layer" (blocks or weights compared across the whole layer; bsr's default) or
+        "row" (every block row, or output, keeps the same count; unstructured's default).
     exclude: fnmatch patterns of weights to leave dense (weight patterns).
     budget: "cosine>=C", "top1>=A" or "perplexity<=R", measured on calibration data against
         the original model (needs calibration data).
