@@ -60,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dump-dir", help="write the module after every pass, and passes.json")
     p.add_argument("--max-seq-len", type=int, help="causal LMs: longest prompt + generation "
                                                    "(default: the model's context length)")
+    p.add_argument("--kv-cache", choices=("explicit", "paged"), default="explicit",
+                   help="causal LMs: the KV cache as tensors in and out of prefill/decode "
+                        "(explicit), or TVM's paged cache owned by the runtime, for several "
+                        "sequences at once (paged; CPU)")
     p.add_argument("--scores", action="store_true",
                    help="causal LMs: also compile `score`, the logits of every position "
                         "(perplexity; needed to quantize a language model to a perplexity budget)")
@@ -135,8 +139,14 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", parents=[common], help="generate text with a causal LM artifact")
     p.add_argument("artifact")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, action="append",
+                   help="the prompt; several --prompt run together (a --kv-cache paged "
+                        "artifact)")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 (the default) is greedy decoding (paged artifacts sample otherwise)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling cut (paged)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (paged)")
     p.add_argument("--ids", action="store_true", help="also print the generated token ids")
     p.set_defaults(handler=_generate)
 
@@ -194,7 +204,7 @@ def _compile(args) -> int:
     compiled = graft.compile(args.model, input_specs=args.input or None, target=target,
                              dump_dir=args.dump_dir, max_seq_len=args.max_seq_len,
                              passes=passes, calibration=calibration, scores=args.scores,
-                             tune=args.tune, tune_dir=args.tune_dir)
+                             tune=args.tune, tune_dir=args.tune_dir, kv_cache=args.kv_cache)
     path = compiled.save(args.output)
     print(f"wrote {path}")
     for name, sig in compiled.signatures.items():
@@ -308,16 +318,51 @@ def _inspect(args) -> int:
 
 def _generate(args) -> int:
     import graft
+    from graft.runtime.errors import GraftError
+
+    artifact = graft.load(args.artifact)
+    if artifact.manifest.get("model", {}).get("causal_lm", {}).get("kv_cache") == "paged":
+        return _generate_paged(artifact, args)
     from graft.runtime.generate import Generator
 
-    generator = Generator(graft.load(args.artifact))
-    result = generator.generate(args.prompt, max_new_tokens=args.max_new_tokens,
+    if len(args.prompt) > 1 or args.temperature != 0:
+        raise GraftError("several prompts and sampling need an artifact compiled with "
+                         "--kv-cache paged; this one passes its cache as tensors (greedy, one "
+                         "prompt)")
+    generator = Generator(artifact)
+    result = generator.generate(args.prompt[0], max_new_tokens=args.max_new_tokens,
                                 on_token=lambda text: print(text, end="", flush=True))
     print()
     if args.ids:
         print("ids:", " ".join(map(str, result.token_ids)))
     print(f"[{len(result.token_ids)} tokens, prefill {result.prefill_seconds * 1e3:.0f} ms, "
           f"{result.decode_tokens_per_second:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def _generate_paged(artifact, args) -> int:
+    from graft.runtime.engine import Engine
+
+    engine = Engine(artifact, max_batch_size=max(len(args.prompt), 1))
+    stream = len(args.prompt) == 1
+    started = time.perf_counter()
+    requests = [engine.submit(prompt, args.max_new_tokens, temperature=args.temperature,
+                              top_p=args.top_p, seed=args.seed,
+                              on_token=(lambda _r, _t, text: print(text, end="", flush=True))
+                              if stream else None)
+                for prompt in args.prompt]
+    engine.run()
+    seconds = time.perf_counter() - started
+    for request in requests:
+        if not stream:
+            print(f"--- prompt {request.id}: {args.prompt[request.id]!r}")
+            print(request.text, end="")
+        print()
+        if args.ids:
+            print("ids:", " ".join(map(str, request.token_ids)))
+    tokens = sum(len(r.token_ids) for r in requests)
+    print(f"[{len(requests)} sequence{'s' if len(requests) > 1 else ''}, {tokens} tokens in "
+          f"{seconds:.2f} s, {tokens / seconds:.1f} tokens/s]", file=sys.stderr)
     return 0
 
 

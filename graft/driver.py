@@ -17,6 +17,7 @@ from graft.artifact import versions, write_artifact
 from graft.codegen import build as codegen
 from graft.codegen.target import device_kind, resolve_target, target_json
 from graft.frontend.imported import ImportedModel
+from graft.passes.paged_kv import PAGE_SIZE, PagedKV
 from graft.passes.pipeline import CompileState, DumpInstrument, Entry, GraftPass, run_pipeline
 from graft.runtime.errors import GraftError
 from graft.runtime.signature import TensorSpec
@@ -44,7 +45,8 @@ class CompiledModel:
 def compile(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None,  # noqa: A001
             target="cpu", passes=(), calibration=None, dump_dir=None, converters=None,
             task: str | None = None, max_seq_len: int | None = None,
-            scores: bool = False, tune: int | None = None, tune_dir=None) -> CompiledModel:
+            scores: bool = False, tune: int | None = None, tune_dir=None,
+            kv_cache: str = "explicit") -> CompiledModel:
     """Compile `model` for `target`.
 
     model: torch.nn.Module (with example_inputs), torch.export.ExportedProgram, a path to a
@@ -63,6 +65,10 @@ def compile(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None
         transformers *ForCausalLM models, HF directories and .gguf files).
     scores: causal LMs: also compile `score`, the logits of every position (perplexity; what
         Quantize measures a language model with).
+    kv_cache: causal LMs: "explicit" (prefill/decode take and return the cache as tensors;
+        `runtime.generate.Generator`) or "paged" (TVM's paged KV cache, owned by the runtime:
+        prefill/decode/batch_decode for `runtime.engine.Engine`, several sequences at once;
+        see passes/paged_kv.py). CPU only.
     tune: CPU: MetaSchedule trials per kernel with static shapes (see codegen/tune.py); a
         tuned kernel replaces graft's own only where it measured faster. 0 applies the
         records in `tune_dir` (default $GRAFT_TUNE_DIR or ~/.cache/graft/tuning) without
@@ -88,6 +94,17 @@ def compile(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None
                      state, time.perf_counter() - started, {"functions": list(imported.signatures)})
     _check_order(passes)
     user_entries = [_as_entry(p) for p in passes]
+    if kv_cache not in ("explicit", "paged"):
+        raise GraftError(f"kv_cache must be 'explicit' or 'paged', got {kv_cache!r}")
+    source = dict(imported.source)
+    if kv_cache == "paged":
+        if "causal_lm" not in source:
+            raise GraftError("kv_cache='paged' is for causal language models (a .gguf file, "
+                             "a Hugging Face directory or *ForCausalLM model)")
+        paged = PagedKV()
+        user_entries.append(paged.as_entry())  # after the user's passes, which see tensors
+        source["causal_lm"] = {**source["causal_lm"], "kv_cache": "paged",
+                               "page_size": PAGE_SIZE, "decode_batch": paged.decode_batch}
     lowering = codegen.lowering_entries(tvm_target, tune=tune, tune_dir=tune_dir)
     records = run_pipeline(state, user_entries + lowering, dumper)
     user_records, lowering = records[:len(user_entries)], records[len(user_entries):]
@@ -98,7 +115,7 @@ def compile(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None
         "versions": versions(),
         "target": target_json(tvm_target),
         "device": device_kind(tvm_target),
-        "model": imported.source,
+        "model": source,
         "functions": {name: sig.to_json() for name, sig in state.signatures.items()},
         "passes": user_records,
         "lowering": [r["pass"] for r in lowering],

@@ -14,7 +14,7 @@ from tvm import relax
 
 from graft.runtime.artifact import LIBRARY, PARAMS, read_manifest, read_safetensors
 from graft.runtime.errors import ArtifactError, RuntimeInputError
-from graft.runtime.signature import TensorSpec
+from graft.runtime.signature import OBJECT, TensorSpec
 
 _threads_configured = False
 
@@ -192,6 +192,12 @@ class Function:
         bound: dict[str, tuple[int, str]] = {}
         tensors = []
         for spec, value in zip(self.inputs, values):
+            if spec.dtype == OBJECT:  # a runtime object (a paged KV cache), passed as it is
+                if isinstance(value, (np.ndarray, tvm.runtime.Tensor)):
+                    raise RuntimeInputError(f"input {spec.name!r}: expected a {spec.name} "
+                                            f"object, got an array")
+                tensors.append(value)
+                continue
             array = _as_array(value, spec)
             dtype = str(array.dtype)
             if dtype != spec.dtype:

@@ -13,6 +13,7 @@ from graft.runtime.errors import InputSpecError
 
 _DIM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
+OBJECT = "object"  # the dtype of a non-tensor input (a KV cache object)
 DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8",
           "uint8", "bool")
 
@@ -34,6 +35,8 @@ class TensorSpec:
         return format_shape(self.shape)
 
     def __str__(self) -> str:
+        if self.dtype == OBJECT:
+            return f"{self.name}:{self.dtype}"
         return f"{self.name}:{self.shape_text()}:{self.dtype}"
 
 

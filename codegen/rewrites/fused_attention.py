@@ -4,9 +4,8 @@
                  repeat(v))
       -> out = call_tir(attention, (q, k, v, mask))
 
-`repeat` is transformers' repeat_kv (expand_dims, broadcast_to, reshape; see
-`grouped_attention.py`) or nothing (as many key/value heads as query heads); `lowest` is a
-constant no greater than -1e30 (masked scores weigh nothing). The kernel
+The pattern is `graft.ir.attention.ATTENTION` (`repeat` is transformers' repeat_kv, or
+nothing); `lowest` is a constant no greater than -1e30 (masked scores weigh nothing). The kernel
 (`codegen/cpu/attention.py`) never stores the scores, skips key blocks the mask hides from all
 of a task's rows, and reads each key/value head in place for its query heads. Only for a
 symbolic number of queries (prefill; a decode step's one row keeps GroupedQueryAttention's
@@ -17,46 +16,18 @@ from __future__ import annotations
 
 import tvm
 from tvm import relax, tirx
-from tvm.relax.dpl import is_const, is_op, wildcard
 
 from graft.codegen.cpu.attention import LANES, attention_func
 from graft.codegen.rewrites import mutate_relax_functions, provably_equal, shape_dims
+from graft.ir.attention import ATTENTION, is_key_transpose, kv_source, mask, masked, query
 
 LOWEST_MASK_FILL = -1e30
 
 
-def _repeat_kv():
-    kv = wildcard()
-    repeated = is_op("relax.reshape")(
-        is_op("relax.broadcast_to")(is_op("relax.expand_dims")(kv), wildcard()), wildcard())
-    return kv, repeated
-
-
-key, repeated_key = _repeat_kv()
-value, repeated_value = _repeat_kv()
-plain_key, plain_value, query, mask, fill = wildcard(), wildcard(), wildcard(), wildcard(), \
-    is_const()
-key_t = is_op("relax.permute_dims")(repeated_key | plain_key)
-masked = is_op("relax.where")(mask, is_op("relax.matmul")(query, key_t), fill)
-softmax = is_op("relax.nn.softmax")(masked)
-ATTENTION = is_op("relax.matmul")(softmax, repeated_value | plain_value)
-
-
-def _source(matches: dict, kv, repeated, plain):
-    """The key (or value) tensor before any repeat_kv, and its repeat count."""
-    if repeated in matches:
-        wide = shape_dims(matches[repeated.args[0]])
-        axis = [int(a) for a in matches[repeated.args[0].args[0]].attrs.axis]
-        if wide is None or len(wide) != 5 or axis != [2] or not isinstance(wide[2], tirx.IntImm):
-            return None, None
-        return matches[kv], int(wide[2])
-    return matches[plain], 1
-
-
 def _attention_shapes(call: relax.Call, matches: dict):
     """(q, k, v, heads, kv_heads, dim) when the matched attention fits the kernel, else None."""
-    k, k_count = _source(matches, key, repeated_key, plain_key)
-    v, v_count = _source(matches, value, repeated_value, plain_value)
+    k, k_count = kv_source(matches, "key")
+    v, v_count = kv_source(matches, "value")
     q = matches[query]
     if k is None or v is None or k_count != v_count:
         return None
@@ -79,15 +50,13 @@ def _attention_shapes(call: relax.Call, matches: dict):
             and any(same(mdims[0], x) for x in (1, b))
             and any(same(mdims[1], x) for x in (1, heads))):
         return None
-    axes = matches[key_t].attrs.axes
-    if axes is None or [int(a) for a in axes] != [0, 1, 3, 2] or \
-            int(matches[softmax].attrs.axis) not in (-1, 3):
+    if not is_key_transpose(matches):
         return None
     tensors = (q, k, v, matches[masked].args[1], call)
     if any(str(x.ty.dtype) != "float32" for x in tensors) or \
             str(matches[mask].ty.dtype) != "bool":
         return None
-    fill_value = matches[fill].value.numpy()
+    fill_value = matches[masked.args[2]].value.numpy()
     if fill_value.ndim != 0 or float(fill_value) > LOWEST_MASK_FILL:
         return None
     return q, k, v, int(heads), int(kv_heads), int(dim)

@@ -1,0 +1,60 @@
+"""Attention blocks in an imported Relax function, as Relax patterns (`relax.dpl`).
+
+    out = matmul(softmax(where(mask, matmul(q, permute_dims(repeat(k), [0, 1, 3, 2])), fill)),
+                 repeat(v))
+
+`repeat` is transformers' repeat_kv (expand_dims, broadcast_to, reshape: grouped-query
+attention) or nothing (as many key/value heads as query heads). graft's torch converter writes
+scaled_dot_product_attention in exactly this form, with q already scaled (`multiply(q, scale)`).
+Rewrites that route attention elsewhere (a fused CPU kernel, the paged KV cache) match
+`ATTENTION` and read the parts through the names below.
+"""
+
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.relax.dpl import is_const, is_op, wildcard
+
+
+def _repeat_kv():
+    kv = wildcard()
+    repeated = is_op("relax.reshape")(
+        is_op("relax.broadcast_to")(is_op("relax.expand_dims")(kv), wildcard()), wildcard())
+    return kv, repeated
+
+
+key, repeated_key = _repeat_kv()
+value, repeated_value = _repeat_kv()
+plain_key, plain_value, query, mask, fill = wildcard(), wildcard(), wildcard(), wildcard(), \
+    is_const()
+key_t = is_op("relax.permute_dims")(repeated_key | plain_key)
+scores = is_op("relax.matmul")(query, key_t)
+masked = is_op("relax.where")(mask, scores, fill)
+softmax = is_op("relax.nn.softmax")(masked)
+ATTENTION = is_op("relax.matmul")(softmax, repeated_value | plain_value)
+
+
+def _shape(expr) -> list | None:
+    shape = getattr(getattr(expr, "ty", None), "shape", None)
+    return list(shape.values) if shape is not None and hasattr(shape, "values") else None
+
+
+def kv_source(matches: dict, which: str):
+    """The key (`which="key"`) or value tensor an ATTENTION match reads before any repeat_kv,
+    and its repeat count (1 without repeat_kv); (None, None) for a repeat graft cannot read."""
+    kv, repeated, plain = (key, repeated_key, plain_key) if which == "key" else \
+        (value, repeated_value, plain_value)
+    if repeated in matches:
+        wide = _shape(matches[repeated.args[0]])
+        axis = [int(a) for a in matches[repeated.args[0].args[0]].attrs.axis]
+        if wide is None or len(wide) != 5 or axis != [2] or not isinstance(wide[2], tirx.IntImm):
+            return None, None
+        return matches[kv], int(wide[2])
+    return matches[plain], 1
+
+
+def is_key_transpose(matches: dict) -> bool:
+    """Whether the match transposes the keys' last two axes and softmaxes the last one."""
+    axes = matches[key_t].attrs.axes
+    return axes is not None and [int(a) for a in axes] == [0, 1, 3, 2] and \
+        int(matches[softmax].attrs.axis) in (-1, 3)
