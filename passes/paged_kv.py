@@ -23,8 +23,10 @@ sequence, and each attention is one `attention_with_fused_qkv(l, concat(q, k, v)
 
 The runtime selects the sequences of a forward with `kv_state_begin_forward` before the call
 (`runtime/engine.py`). RoPE stays the model's own computation on position_ids, so the cache runs
-with RopeMode.NONE. The cache's attention kernels are TVM's CPU ones (`tvm.relax.frontend.nn.llm`
-`kv_cache`), compiled as written: graft's schedule rules leave them alone.
+with RopeMode.NONE. Decode and new-token prefill attention run graft's vectorized kernels
+(`codegen/cpu/paged_attention.py`); the cache's other kernels (queries over paged history, state
+merging, page copies) are TVM's CPU ones (`tvm.relax.frontend.nn.llm.kv_cache`), compiled as
+written: graft's schedule rules leave them all alone.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from __future__ import annotations
 import tvm
 from tvm import relax, tirx
 
+from graft.codegen.cpu import paged_attention
 from graft.codegen.rewrites import provably_equal
 from graft.ir.attention import ATTENTION, kv_source, query
 from graft.passes.pipeline import CompileState, GraftPass
@@ -266,9 +269,22 @@ def create_kv_cache_functions(config: dict, target) -> tvm.IRModule:
             **{n: sizes[n] for n in CACHE_SIZES})
         bb.emit_func_output(cache._expr)  # noqa: SLF001 - nn.Object keeps its Relax expr there
     mod = bb.get()
+    if paged_attention.supports(head_dim, config["cache_dtype"]):  # graft's vectorized kernels
+        heads, kv_heads = config["num_heads"], config["num_kv_heads"]
+        for name, func in (
+                ("tir_attention_decode_cpu",
+                 paged_attention.paged_decode_func(kv_heads, heads, head_dim, PAGE_SIZE)),
+                ("tir_attention_prefill_ragged_cpu",
+                 paged_attention.ragged_prefill_func(kv_heads, heads, head_dim))):
+            mod[mod.get_global_var(name)] = func.with_attr("global_symbol", name) \
+                .with_attr("graft.schedule_rule", "PagedAttention")
     for gv, func in mod.functions_items():
-        if isinstance(func, tirx.PrimFunc):  # TVM's kernels, scheduled as written
-            mod[gv] = func.with_attr("tirx.is_scheduled", True) \
+        if isinstance(func, tirx.PrimFunc) and func.attrs.get("graft.schedule_rule") is None:
+            # the rest of TVM's kernels (paged history, merging, copies), scheduled as written.
+            # Their buffers never alias, and one function without `tirx.noalias` in the LLVM
+            # module makes LLVM keep every kernel's accumulators in memory (measured: the
+            # prefill products ran 2.7x slower; see codegen/build.py)
+            mod[gv] = func.with_attr("tirx.is_scheduled", True).with_attr("tirx.noalias", True) \
                 .with_attr("graft.schedule_rule", "PagedKVCache")
     return mod
 
