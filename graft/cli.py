@@ -380,6 +380,10 @@ def _bench(args) -> int:
         dims[name] = int(size)
     artifact = graft.load(args.artifact)
     function = artifact.function(args.function) if args.function else artifact.main
+    if any(spec.dtype == "object" for spec in function.inputs):
+        raise GraftError(f"{function.name} takes a paged KV cache, which random inputs cannot "
+                         "stand in for; time generation with graft.runtime.engine.Engine "
+                         "(bench/bench_kv.py does)")
     rng = np.random.default_rng(0)
     inputs = []
     for spec in function.inputs:

@@ -94,6 +94,10 @@ def compile(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None
                      state, time.perf_counter() - started, {"functions": list(imported.signatures)})
     _check_order(passes)
     user_entries = [_as_entry(p) for p in passes]
+    if kv_cache != "paged" and any(isinstance(p, GraftPass) and p.name == "share_kv"
+                                   for p in passes):
+        raise GraftError("ShareKV needs kv_cache='paged' (--kv-cache paged): the paged cache "
+                         "is what holds only the owner layers")
     if kv_cache not in ("explicit", "paged"):
         raise GraftError(f"kv_cache must be 'explicit' or 'paged', got {kv_cache!r}")
     source = dict(imported.source)
@@ -108,6 +112,8 @@ def compile(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None
     lowering = codegen.lowering_entries(tvm_target, tune=tune, tune_dir=tune_dir)
     records = run_pipeline(state, user_entries + lowering, dumper)
     user_records, lowering = records[:len(user_entries)], records[len(user_entries):]
+    if kv_cache == "paged":  # the layers the cache holds (fewer than the model's with ShareKV)
+        source["causal_lm"]["cache_layers"] = user_records[-1]["did"]["cache_layers"]
     with progress.step(f"generating code for {tvm_target.kind.name}"):
         executable = codegen.build(state.mod, tvm_target)
     used = _used_params(state)

@@ -58,3 +58,47 @@ def is_key_transpose(matches: dict) -> bool:
     axes = matches[key_t].attrs.axes
     return axes is not None and [int(a) for a in axes] == [0, 1, 3, 2] and \
         int(matches[softmax].attrs.axis) in (-1, 3)
+
+
+def cache_layer_of(source, bindings: dict, past: set) -> tuple | None:
+    """(layer, new) when `source` (the keys or values an attention reads) is graft's
+    causal-LM export of a cache read: concat((take(past, layer), new), axis=-2) with `past`
+    one of the function's explicit cache parameters (`frontend/causal_lm.py`); else None."""
+    import tvm
+    from tvm import relax
+
+    value = bindings.get(source, source)
+    if not (isinstance(value, relax.Call) and value.op.same_as(tvm.ir.Op.get("relax.concat"))
+            and isinstance(value.args[0], relax.Tuple) and len(value.args[0].fields) == 2):
+        return None
+    old, new = value.args[0].fields
+    old = bindings.get(old, old)
+    if not (isinstance(old, relax.Call) and old.op.same_as(tvm.ir.Op.get("relax.take"))
+            and any(old.args[0].same_as(p) for p in past)
+            and isinstance(old.args[1], tvm.ir.expr.Constant)):
+        return None
+    return int(old.args[1].value.numpy()), new
+
+
+def cache_reads(func) -> list[dict]:
+    """Every attention of a causal-LM export function (past_k, past_v at parameters 2 and 3),
+    in program order: {"layer", "keys", "values" (the concat Vars the attention reads),
+    "new_keys", "new_values"}."""
+    from tvm import relax
+
+    bindings = relax.analysis.get_var2val(func)
+    var_of = {value: var for var, value in bindings.items()}  # matches are the bound values
+    past = {func.params[2], func.params[3]}
+    found = []
+    for var, value in bindings.items():
+        if not ATTENTION.match(value, bindings):
+            continue
+        matches = ATTENTION.extract_matched_expr(value, bindings)
+        (keys, _), (values, _) = kv_source(matches, "key"), kv_source(matches, "value")
+        k, v = cache_layer_of(keys, bindings, past), cache_layer_of(values, bindings, past)
+        if k is None or v is None or k[0] != v[0]:
+            continue
+        found.append({"layer": k[0], "attention": var, "keys": var_of.get(keys, keys),
+                      "values": var_of.get(values, values), "new_keys": k[1],
+                      "new_values": v[1]})
+    return found

@@ -36,12 +36,13 @@ from tvm import relax, tirx
 
 from graft.codegen.cpu import paged_attention
 from graft.codegen.rewrites import provably_equal
-from graft.ir.attention import ATTENTION, kv_source, query
+from graft.ir.attention import ATTENTION, cache_layer_of, kv_source, query
 from graft.passes.pipeline import CompileState, GraftPass
 from graft.runtime.errors import GraftError
 from graft.runtime.signature import TensorSpec
 
 FUSED_QKV = "vm.builtin.attention_kv_cache_attention_with_fused_qkv"
+SHARED_KV = "vm.builtin.attention_kv_cache_attention_with_shared_kv"
 CACHE_SIZES = ("max_batch_size", "max_total_seq_len", "prefill_chunk_size", "page_size",
                "support_sliding_window")
 PAGE_SIZE = 16  # TVM's CPU kernels take no other (TVM-FACTS)
@@ -86,9 +87,14 @@ class PagedKV(GraftPass):
                 func = relax.transform.BindSymbolicVars({tokens.name: self.decode_batch})(
                     tvm.IRModule({tvm.ir.GlobalVar(name): func}))[name]
             functions[name] = func.with_attr("global_symbol", name)
-        if layers != list(range(config["num_layers"])):
-            raise GraftError(f"PagedKV found attention reading the cache in layers {layers}; "
-                             f"the model has {config['num_layers']} layers")
+        owners = sorted(set(layers))
+        if len(layers) != config["num_layers"] or layers[0] != 0 or any(
+                reads > layer for layer, reads in enumerate(layers)) or \
+                [layer for i, layer in enumerate(layers) if layer not in layers[:i]] != owners:
+            raise GraftError(f"PagedKV found attention reading the cache of layers {layers}; "
+                             f"the model has {config['num_layers']} layers, each reading its "
+                             "own cache or an earlier layer's")
+        config = {**config, "num_layers": len(owners)}  # the cache holds the owners only
         mod = mod.clone()
         for name, func in functions.items():
             mod[_global_var(mod, name)] = func
@@ -96,7 +102,7 @@ class PagedKV(GraftPass):
             mod[gv] = func  # the GlobalVars create_kv_cache calls
         state.mod = mod
         _update_signatures(state, self.decode_batch)
-        return {"layers": len(layers), "page_size": PAGE_SIZE,
+        return {"layers": len(layers), "cache_layers": len(owners), "page_size": PAGE_SIZE,
                 "decode_batch": self.decode_batch,
                 "kv_bytes_per_token": kv_bytes_per_token(config)}
 
@@ -139,23 +145,10 @@ class _ToPagedAttention(relax.PyExprMutator):
         self.cache = cache
         self.every_position = every_position
         self.output = func.body.body
-        self.layers: list[int] = []
+        self.layers: list[int] = []  # per attention, the layer whose K/V it reads
+        self.owners: list[int] = []  # the layers whose K/V the cache holds, in cache order
         self.heads = 0
         self.problems: list[str] = []
-
-    def _layer_of(self, source) -> tuple:
-        """(layer, new k or v) for concat((take(past, layer), new), axis=-2), else None."""
-        value = self.bindings.get(source, source)
-        if not (isinstance(value, relax.Call) and value.op.same_as(
-                tvm.ir.Op.get("relax.concat")) and isinstance(value.args[0], relax.Tuple)):
-            return None
-        past, new = value.args[0].fields
-        past = self.bindings.get(past, past)
-        if not (isinstance(past, relax.Call) and past.op.same_as(tvm.ir.Op.get("relax.take"))
-                and any(past.args[0].same_as(p) for p in self.past)
-                and isinstance(past.args[1], tvm.ir.expr.Constant)):
-            return None
-        return int(past.args[1].value.numpy()), new
 
     def visit_call_(self, call: relax.Call):
         if self.every_position and _is_last_position(call):
@@ -166,7 +159,8 @@ class _ToPagedAttention(relax.PyExprMutator):
         matches = ATTENTION.extract_matched_expr(call, self.bindings)
         (k_source, k_repeat), (v_source, v_repeat) = kv_source(matches, "key"), \
             kv_source(matches, "value")
-        keys, values = self._layer_of(k_source), self._layer_of(v_source)
+        keys = cache_layer_of(k_source, self.bindings, set(self.past))
+        values = cache_layer_of(v_source, self.bindings, set(self.past))
         if keys is None or values is None or keys[0] != values[0] or k_repeat != v_repeat:
             self.problems.append("an attention whose keys and values are not one layer's "
                                  "cache concatenated with the new tokens'")
@@ -178,11 +172,20 @@ class _ToPagedAttention(relax.PyExprMutator):
         kv_heads = k.ty.shape.values[1]
         bb = self.builder_
         per_token = [bb.emit(relax.op.permute_dims(x, [0, 2, 1, 3])) for x in (q, k, v)]
-        qkv = bb.emit(relax.op.reshape(bb.emit(relax.op.concat(per_token, axis=2)),
-                                       [tokens, heads + 2 * kv_heads, head_dim]))
-        out = bb.emit(relax.call_dps_packed(
-            FUSED_QKV, [self.cache, relax.prim_value(layer), relax.prim_value(scale), qkv],
-            out_ty=relax.TensorType([tokens, heads, head_dim], str(q.ty.dtype))))
+        out_ty = relax.TensorType([tokens, heads, head_dim], str(q.ty.dtype))
+        if layer in self.owners:  # a later layer reading this one's K/V (ShareKV): no append
+            flat = [bb.emit(relax.op.reshape(x, [tokens, n, head_dim]))
+                    for x, n in zip(per_token, (heads, kv_heads, kv_heads))]
+            out = bb.emit(relax.call_dps_packed(
+                SHARED_KV, [self.cache, relax.prim_value(self.owners.index(layer)),
+                            relax.prim_value(scale), *flat], out_ty=out_ty))
+        else:
+            self.owners.append(layer)
+            qkv = bb.emit(relax.op.reshape(bb.emit(relax.op.concat(per_token, axis=2)),
+                                           [tokens, heads + 2 * kv_heads, head_dim]))
+            out = bb.emit(relax.call_dps_packed(
+                FUSED_QKV, [self.cache, relax.prim_value(self.owners.index(layer)),
+                            relax.prim_value(scale), qkv], out_ty=out_ty))
         self.layers.append(layer)
         self.heads = int(heads)
         out = bb.emit(relax.op.reshape(out, [1, tokens, heads, head_dim]))

@@ -325,7 +325,8 @@ class Engine:
         """What the cache holds now: pages in use of the total, their bytes, cached tokens."""
         free = int(self._builtin["attention_kv_cache_get_num_available_pages"](self.cache))
         c = self.config
-        page_bytes = 2 * c["num_layers"] * c["num_kv_heads"] * self.page_size * c["head_dim"] \
+        layers = c.get("cache_layers", c["num_layers"])
+        page_bytes = 2 * layers * c["num_kv_heads"] * self.page_size * c["head_dim"] \
             * np.dtype(c.get("cache_dtype", "float32")).itemsize
         in_use = self.pages_total - free
         return {"page_size": self.page_size, "pages_total": self.pages_total,

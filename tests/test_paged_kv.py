@@ -49,10 +49,10 @@ def test_paged_functions_and_manifest(paged):
     assert set(paged.functions) == {"prefill", "decode", "batch_decode"}
     assert "create_kv_cache" not in paged.functions  # made by the engine, not called by users
     lm = paged.manifest["model"]["causal_lm"]
-    assert lm["kv_cache"] == "paged" and lm["page_size"] == 16
+    assert lm["kv_cache"] == "paged" and lm["page_size"] == 16 and lm["cache_layers"] == 2
     record = next(p for p in paged.manifest["passes"] if p["pass"] == "paged_kv")
     # 2 layers x (K and V) x 2 KV heads x 32 dims x 4 bytes
-    assert record["did"] == {"layers": 2, "page_size": 16, "decode_batch": 8,
+    assert record["did"] == {"layers": 2, "cache_layers": 2, "page_size": 16, "decode_batch": 8,
                              "kv_bytes_per_token": 1024}
     assert [s.dtype for s in paged.function("prefill").inputs] == ["int64", "int64", "object"]
 
@@ -156,3 +156,91 @@ def test_bad_requests_are_refused(paged, tiny_artifact):
 def test_paged_needs_a_causal_lm(tiny_model):
     with pytest.raises(GraftError, match="causal language models"):
         graft.compile(tiny_model, (torch.randn(2, 8),), kv_cache="paged")
+
+
+# --- ShareKV -------------------------------------------------------------------------------
+def shared_greedy(model, prompt, new_tokens, owner_of: dict):
+    """transformers' own attention, with reader layers handed their owner's cached K/V (a
+    cache whose update() returns the owner's entries for a reader, appending nothing)."""
+    from transformers.cache_utils import DynamicCache
+
+    class SharedCache(DynamicCache):
+        def update(self, keys, values, layer_idx, *args, **kwargs):
+            if layer_idx in owner_of:
+                owner = self.layers[owner_of[layer_idx]]
+                return owner.keys, owner.values
+            return super().update(keys, values, layer_idx, *args, **kwargs)
+
+    cache, ids, out, position = SharedCache(config=model.config), torch.tensor([prompt]), [], 0
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            positions = torch.arange(position, position + ids.shape[1])[None]
+            logits = model(input_ids=ids, past_key_values=cache, use_cache=True,
+                           position_ids=positions).logits
+            position += ids.shape[1]
+            out.append(int(logits[0, -1].argmax()))
+            ids = torch.tensor([[out[-1]]])
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama4():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, eos_token_id=None, bos_token_id=None)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_share_kv_groups_read_the_owners_cache(llama4, tmp_path):
+    from graft import passes as P
+
+    calibration = prompts([32, 32, 32, 32], seed=6)
+    compiled = graft.compile(llama4, task="causal-lm", kv_cache="paged", max_seq_len=128,
+                             scores=True, calibration=calibration,
+                             passes=[P.ShareKV(groups=[[0, 1], [2, 3]])])
+    did = compiled.manifest["passes"][0]["did"]
+    assert did["groups"] == [[0, 1], [2, 3]] and did["cache_layers"] == 2
+    assert (did["kv_bytes_per_token_before"], did["kv_bytes_per_token_after"]) == (2048, 1024)
+    assert [d["kv_bytes_per_token"] for d in did["layers"]] == [512, 0, 512, 0]
+    assert did["perplexity_ratio"]["held_out"] > 1  # measured, and sharing costs something
+    compiled.save(tmp_path / "art")
+    engine = Engine(graft.load(tmp_path / "art"), max_batch_size=4)
+    assert engine.kv_memory()["bytes_per_page"] == 16 * 2 * 512  # 16 tokens, 2 of 4 layers
+    batch = prompts([3, 17, 30], seed=7)
+    for request, prompt in zip(engine.generate(batch, 12), batch):
+        assert request.token_ids == shared_greedy(llama4, prompt, 12, {1: 0, 3: 2})
+        assert request.token_ids != greedy(llama4, prompt, 12)  # sharing changed something
+
+
+def test_share_kv_search_keeps_the_budget(llama4):
+    from graft import passes as P
+
+    calibration = prompts([48] * 6, seed=8)
+    compiled = graft.compile(llama4, task="causal-lm", kv_cache="paged", max_seq_len=128,
+                             scores=True, calibration=calibration,
+                             passes=[P.ShareKV("perplexity<=1.02")])
+    did = compiled.manifest["passes"][0]["did"]
+    trials = did["search"]
+    assert sorted(t["layer"] for t in trials) == [1, 2, 3]  # every layer after the first tried
+    for trial in trials:  # a layer is kept exactly when the ratio it reached was in budget
+        assert trial["kept"] == (trial["perplexity_ratio"] <= 1.02)
+    assert did["perplexity_ratio"]["search"] <= 1.02
+    assert did["cache_layers"] == 4 - sum(t["kept"] for t in trials)
+
+
+def test_share_kv_needs_paged_scores_and_sane_groups(llama4):
+    from graft import passes as P
+
+    with pytest.raises(GraftError, match="kv_cache='paged'"):
+        graft.compile(llama4, task="causal-lm", passes=[P.ShareKV(groups=[[0, 1]])])
+    with pytest.raises(GraftError, match="scores=True"):
+        graft.compile(llama4, task="causal-lm", kv_cache="paged",
+                      passes=[P.ShareKV(groups=[[0, 1]])])
+    with pytest.raises(GraftError, match="each group is an owner"):
+        graft.compile(llama4, task="causal-lm", kv_cache="paged", scores=True,
+                      passes=[P.ShareKV(groups=[[2, 1]])])
+    with pytest.raises(GraftError, match="perplexity ratios"):
+        P.ShareKV("cosine>=0.9")

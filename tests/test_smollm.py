@@ -119,3 +119,47 @@ def test_runtime_generate_and_manifest(smollm):
     kernels = graft.load(artifact).manifest["kernels"]
     assert kernels["generic_kernels"] == [], kernels
     assert {"Matmul", "GEMV", "RowReduction", "Elementwise"} <= set(kernels["rules"]), kernels
+
+
+# --- the paged KV cache (issue 7): `kv_cache="paged"` and the runtime's Engine -----------------
+PAGED_TOKENS = 64
+MORE_PROMPTS = ["Water boils at", "import numpy as np\n", "My favourite food is",
+                "The three primary colors are red,", "In 1969, the first people to walk on"]
+
+
+@pytest.fixture(scope="module")
+def smollm_paged(smollm, tmp_path_factory):
+    model = smollm[0]
+    artifact = tmp_path_factory.mktemp("smollm_paged") / "art"
+    graft.compile(model, task="causal-lm", max_seq_len=256, kv_cache="paged").save(artifact)
+    return graft.load(artifact)
+
+
+def test_paged_matches_transformers_and_the_explicit_cache(smollm, smollm_paged):
+    from graft.runtime.engine import Engine
+    from graft.runtime.generate import Generator
+
+    model, tokenizer, artifact = smollm
+    engine = Engine(smollm_paged, max_batch_size=1)
+    explicit = Generator(graft.load(artifact))
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids),
+                                 max_new_tokens=PAGED_TOKENS, do_sample=False)
+        expected = out[0, ids.shape[1]:].tolist()
+        paged = engine.generate([ids[0].tolist()], PAGED_TOKENS)[0]
+        assert paged.token_ids == expected, prompt
+        assert explicit.generate(ids[0].tolist(), PAGED_TOKENS).token_ids == expected, prompt
+
+
+def test_paged_eight_at_once_equal_one_at_a_time(smollm, smollm_paged):
+    from graft.runtime.engine import Engine
+
+    tokenizer = smollm[1]
+    prompts = [tokenizer(p).input_ids for p in PROMPTS + MORE_PROMPTS]
+    assert len(prompts) == 8 and len({len(p) for p in prompts}) > 4
+    together = Engine(smollm_paged, max_batch_size=8).generate(prompts, PAGED_TOKENS)
+    alone = Engine(smollm_paged, max_batch_size=1)
+    for request, prompt in zip(together, prompts):
+        assert request.token_ids == alone.generate([prompt], PAGED_TOKENS)[0].token_ids
