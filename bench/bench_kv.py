@@ -5,11 +5,15 @@
         same prompts (one, and a padded batch of 8) as the reference, in the same process
     decode step latency of one sequence: graft paged against graft's explicit-cache build
     prefill of a 256-token prompt: graft paged against the explicit-cache build
+    ShareKV at perplexity budgets +5%, +10%, +20% (calibration: 8 chunks of 128 tokens of
+        pydoc_data.topics, 6 searched on and 2 held out): layers sharing, KV bytes per token
+        before and after, the perplexity ratios reached; then ShareKV with int4 weights
+        (Quantize) in one compile, generating
 
 Timed in rounds that alternate the cases (this machine's speed drifts over seconds); figures
 are medians over the rounds.
 
-    python bench/bench_kv.py [--rounds 5] [--steps 32]
+    python bench/bench_kv.py [--rounds 5] [--steps 32] [--only decode|share]
 """
 
 from __future__ import annotations
@@ -71,8 +75,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--only", choices=("decode", "share"))
     args = parser.parse_args(argv)
+    if args.only != "share":
+        bench_decode(args)
+    if args.only != "decode":
+        bench_share()
+    return 0
 
+
+def bench_decode(args) -> None:
     import torch
 
     import graft
@@ -128,7 +140,47 @@ def main(argv=None) -> int:
     print(f"SmolLM2 prefill, 256 tokens: paged {fill['paged']:7.1f} ms, explicit cache "
           f"{fill['explicit']:7.1f} ms: paged/explicit {fill['paged'] / fill['explicit']:.2f}",
           flush=True)
-    return 0
+
+
+def bench_share() -> None:
+    import copy
+
+    import graft
+    from graft import passes as P
+    from graft.codegen.target import resolve_target
+    from graft.passes.pipeline import CompileState
+    from graft.runtime.engine import Engine
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_quantize import smollm_text
+
+    imported, calibration, _ = smollm_text(0)
+    for budget in ("perplexity<=1.05", "perplexity<=1.1", "perplexity<=1.2"):
+        state = CompileState(imported.mod, dict(imported.params),
+                             copy.deepcopy(imported.signatures), target=resolve_target("cpu"),
+                             calibration=calibration)
+        started = time.perf_counter()
+        did = P.ShareKV(budget).run(state)
+        ratio = did["perplexity_ratio"]
+        print(f"SmolLM2 ShareKV {budget}: {30 - did['cache_layers']} of 30 layers read another's "
+              f"K/V, groups {did['groups']}; KV bytes per token {did['kv_bytes_per_token_before']}"
+              f" -> {did['kv_bytes_per_token_after']} ({did['kv_reduction']:.1%} less); "
+              f"perplexity ratio {ratio['search']:.4f} searched, {ratio['held_out']:.4f} held out"
+              f" ({time.perf_counter() - started:.0f} s)", flush=True)
+    started = time.perf_counter()
+    compiled = graft.compile(imported, kv_cache="paged", calibration=calibration,
+                             passes=[P.Quantize("int4", group_size=32),
+                                     P.ShareKV("perplexity<=1.1")])
+    seconds = time.perf_counter() - started
+    share = next(p for p in compiled.manifest["passes"] if p["pass"] == "share_kv")["did"]
+    workdir = Path(tempfile.mkdtemp(prefix="graft_bench_share_"))
+    compiled.save(workdir / "art")
+    engine = Engine(graft.load(workdir / "art"))
+    request = engine.generate(["The capital of France is"], 16)[0]
+    print(f"SmolLM2 int4 + ShareKV perplexity<=1.1, one compile ({seconds:.0f} s): "
+          f"{30 - share['cache_layers']} layers sharing, KV bytes per token "
+          f"{share['kv_bytes_per_token_after']}, perplexity ratio (held out, against int4 unshared) "
+          f"{share['perplexity_ratio']['held_out']:.4f}; generates {request.text!r}", flush=True)
 
 
 if __name__ == "__main__":

@@ -122,6 +122,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--sparsify-budget", metavar="METRIC<=|>=VALUE",
                    help="accuracy budget for --sparsify, measured on --calibration like "
                         "--budget")
+    k = p.add_argument_group("KV sharing (causal LMs with --kv-cache paged)")
+    k.add_argument("--share-kv", metavar="perplexity<=RATIO",
+                   help="layers read an earlier layer's K/V, so the paged cache holds fewer "
+                        "layers: chosen greedily on --calibration text while the perplexity "
+                        "ratio against the original stays within the budget (implies --scores)")
+    k.add_argument("--share-kv-groups", metavar="OWNER:READER,READER;...",
+                   help="share these groups instead of searching (e.g. 20:21,22;24:25)")
     p.set_defaults(handler=_compile)
 
     p = sub.add_parser("run", parents=[common], help="run an artifact on inputs from a .npz file")
@@ -197,9 +204,15 @@ def _compile(args) -> int:
                                  fallback=args.fallback,
                                  smooth_alpha=None if alpha == "none" else alpha,
                                  activations=args.activations))
-    elif args.budget or (args.calibration and not args.sparsify):
+    elif args.budget or (args.calibration and not (args.sparsify or args.share_kv)):
         raise GraftError("--budget and --calibration go with a pass that uses them "
-                         "(--quantize, or --sparsify for --calibration)")
+                         "(--quantize, or --sparsify or --share-kv for --calibration)")
+    if args.share_kv or args.share_kv_groups:
+        from graft import passes as P
+
+        passes.append(P.ShareKV(args.share_kv or "perplexity<=1.1",
+                                groups=_share_groups(args.share_kv_groups)))
+        args.scores = True
     calibration = _calibration(args.calibration) if args.calibration else None
     compiled = graft.compile(args.model, input_specs=args.input or None, target=target,
                              dump_dir=args.dump_dir, max_seq_len=args.max_seq_len,
@@ -221,6 +234,25 @@ def _specs(specs) -> str:
     from graft.runtime.signature import TensorSpec
 
     return ", ".join(str(TensorSpec.from_json(s)) for s in specs)
+
+
+def _share_groups(text: str | None):
+    """`20:21,22;24:25` -> [[20, 21, 22], [24, 25]]."""
+    from graft.runtime.errors import GraftError
+
+    if not text:
+        return None
+    groups = []
+    for part in text.split(";"):
+        owner, _, readers = part.partition(":")
+        try:
+            groups.append([int(owner)] + [int(r) for r in readers.split(",") if r.strip()])
+        except ValueError:
+            raise GraftError(f"--share-kv-groups {text!r}: expected OWNER:READER,READER;... "
+                             "with layer numbers, e.g. 20:21,22;24:25") from None
+        if len(groups[-1]) < 2:
+            raise GraftError(f"--share-kv-groups {text!r}: group {part!r} has no reader")
+    return groups
 
 
 def _calibration(path: str) -> list:

@@ -1,8 +1,9 @@
 """report.html: the pass table and per-layer plots from passes.json, for a person to read.
 
 Plain HTML with inline SVG bar charts: no scripts, no network, opens anywhere. Plots appear
-for what passes report per layer: Quantize's weight error, sensitivity and precision, and
-Sparsify's sparsity.
+for what passes report per layer: Quantize's weight error, sensitivity and precision,
+Sparsify's sparsity, ShareKV's KV cache bytes per token (and its search: the KV reduction each
+accepted step reached against the perplexity ratio it cost).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def _summary(did) -> str:
 def _layer_plot(record: dict) -> str:
     layers = record["did"]["layers"]
     names = list(layers)
-    metrics = [m for m in ("weight_error", "sensitivity", "sparsity")
+    metrics = [m for m in ("weight_error", "sensitivity", "sparsity", "kv_bytes_per_token")
                if any(m in v for v in layers.values())]
     charts = []
     width, bar = 900, 10
@@ -72,7 +73,36 @@ def _layer_plot(record: dict) -> str:
             f"<span style='color:{c}'>&#9632; {p}</span>" for p, c in PRECISION_COLORS.items()
         ) + "</p>"
     return (f"<h2>{_e(record['pass'])} (pass {record['index']:03d}): per layer</h2>"
-            + legend + "".join(charts))
+            + legend + "".join(charts) + _share_curve(record))
+
+
+def _share_curve(record: dict) -> str:
+    """ShareKV's search as points: KV bytes saved after each layer tried (x) against the
+    perplexity ratio measured (y); kept layers filled, rejected ones hollow."""
+    trials = record["did"].get("search") if record["pass"] == "share_kv" else None
+    if not trials:
+        return ""
+    layers = len(record["did"]["layers"])
+    width, height, pad = 600, 300, 40
+    top = max(max(t["perplexity_ratio"] for t in trials), 1.01)
+    points, kept = [], 0
+    for t in trials:
+        readers = kept + 1  # what this trial would have reached
+        x = pad + readers / layers * (width - 2 * pad)
+        y = height - pad - (min(t["perplexity_ratio"], top) - 1) / (top - 1) * (height - 2 * pad)
+        fill = "#337ab7" if t["kept"] else "none"
+        points.append(f"<circle cx={x:.1f} cy={y:.1f} r=4 fill={fill} stroke=#337ab7>"
+                      f"<title>layer {t['layer']}: ratio {t['perplexity_ratio']:.4f}, "
+                      f"{'kept' if t['kept'] else 'rejected'}</title></circle>")
+        kept += bool(t["kept"])
+    axes = (f"<line x1={pad} y1={height - pad} x2={width - pad} y2={height - pad} "
+            f"stroke=#000 /><line x1={pad} y1={pad} x2={pad} y2={height - pad} stroke=#000 />"
+            f"<text x={pad} y={height - 10}>KV bytes saved: 0</text>"
+            f"<text x={width - pad - 60} y={height - 10}>100%</text>"
+            f"<text x=0 y={pad - 5}>perplexity ratio {top:.3g}</text>"
+            f"<text x=0 y={height - pad}>1.0</text>")
+    return (f"<h3>ShareKV search (budget {_e(record['did'].get('budget', ''))})</h3>"
+            f"<svg width={width} height={height}>{axes}{''.join(points)}</svg>")
 
 
 def _e(text) -> str:

@@ -37,13 +37,13 @@ import numpy as np
 import tvm
 
 from graft.runtime.errors import ArtifactError, RuntimeInputError
-from graft.runtime.generate import TOKENIZER_FILE
+from graft.runtime.generate import TOKENIZER_FILE, ArtifactText
 
-PAGED_FUNCTIONS = ("prefill", "decode", "batch_decode", "create_kv_cache")
+PAGED_FUNCTIONS = ("prefill", "decode", "batch_decode")  # plus create_kv_cache, in the VM
 SCRATCH_ID = 1 << 40  # sequence ids of the scratch rows (requests count up from 0)
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: compared by identity
 class Request:
     """One sequence: its prompt, what it generated, and why it stopped."""
 
@@ -70,13 +70,12 @@ class Request:
     _shown: str = field(default="", repr=False)
 
 
-class Engine:
+class Engine(ArtifactText):
     """Continuous-batching generation with a paged KV cache; see the module text."""
 
     def __init__(self, artifact, max_batch_size: int = 8, max_seq_len: int | None = None,
                  tokenizer=None):
-        missing = [f for f in PAGED_FUNCTIONS if f not in artifact.functions and
-                   f != "create_kv_cache"]
+        missing = [f for f in PAGED_FUNCTIONS if f not in artifact.functions]
         config = artifact.manifest.get("model", {}).get("causal_lm")
         if config is None or missing or config.get("kv_cache") != "paged":
             raise ArtifactError(f"{artifact.path} has no paged KV cache functions; compile the "
@@ -117,7 +116,7 @@ class Engine:
         self._ids = itertools.count()
         self.waiting: list[Request] = []
         self.running: list[Request] = []
-        self.requests: dict[int, Request] = {}
+        self.requests: dict[int, Request] = {}  # waiting and running, by id
         self.prefill_tokens = 0  # tokens computed by prefill, over the engine's life
         self.decode_steps = 0
 
@@ -141,8 +140,7 @@ class Engine:
     def fork(self, parent: Request, prompt=(), max_new_tokens: int = 32, **sampling) -> Request:
         """A new request that continues `parent`'s cached tokens (its prompt and what it has
         generated so far) with `prompt`; the shared tokens are not computed again."""
-        if parent.id not in self.requests or parent not in self.running and \
-                parent not in self.waiting:
+        if parent not in self.running and parent not in self.waiting:
             raise RuntimeInputError(f"request {parent.id} holds no cache to fork (it finished "
                                     "or was never submitted)")
         if parent in self.waiting:
@@ -203,11 +201,12 @@ class Engine:
         self._release_finished()
 
     def run(self) -> list[Request]:
-        """Step until every request is done; the requests finished, in submission order."""
-        finished = [r for r in self.requests.values()]
+        """Step until every request is done; those that finished in this call, in submission
+        order."""
+        pending = [r for r in self.requests.values() if not r.finished]
         while self.waiting or self.running:
             self.step()
-        return [r for r in finished if r.finished]
+        return pending
 
     def generate(self, prompts, max_new_tokens: int = 32, **sampling) -> list[Request]:
         """Submit every prompt, run them together, return their requests in order."""
@@ -317,6 +316,7 @@ class Engine:
         for request in [r for r in self.running if r.finished]:
             self._builtin["kv_state_remove_sequence"](self.cache, request.id)
             self.running.remove(request)
+            del self.requests[request.id]  # the engine keeps only live requests
             if self._has_tokenizer() and not request.text:
                 request.text = self.decode_text(request.token_ids)
 
@@ -345,22 +345,3 @@ class Engine:
             except ArtifactError:
                 return False
         return self._tokenizer is not None
-
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            if TOKENIZER_FILE not in self.artifact.manifest["files"]:
-                raise ArtifactError(f"{self.artifact.path} carries no tokenizer; pass token ids")
-            try:
-                from tokenizers import Tokenizer
-            except ImportError:
-                raise ArtifactError("generating from text needs the `tokenizers` package "
-                                    "(pip install tokenizers), or pass token ids") from None
-            self._tokenizer = Tokenizer.from_file(str(self.artifact.path / TOKENIZER_FILE))
-        return self._tokenizer
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text).ids)
-
-    def decode_text(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -36,20 +36,9 @@ class GenerationResult:
         return steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
 
-class Generator:
-    def __init__(self, artifact, tokenizer=None):
-        self.artifact = artifact
-        config = artifact.manifest.get("model", {}).get("causal_lm")
-        if config is None or "prefill" not in artifact.functions:
-            raise ArtifactError(f"{artifact.path} is not a causal language model artifact (it "
-                                "has no prefill/decode functions); compile a .gguf file or a "
-                                "Hugging Face causal LM")
-        self.config = config
-        self.prefill = artifact.function("prefill")
-        self.decode = artifact.function("decode")
-        self.eos_token_ids = set(config.get("eos_token_ids", []))
-        self.max_seq_len = int(config["max_seq_len"])
-        self._tokenizer = tokenizer
+class ArtifactText:
+    """Text in and out through the tokenizer an artifact carries (or one given); needs
+    `self.artifact` and `self._tokenizer`."""
 
     @property
     def tokenizer(self):
@@ -70,6 +59,22 @@ class Generator:
 
     def decode_text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+class Generator(ArtifactText):
+    def __init__(self, artifact, tokenizer=None):
+        self.artifact = artifact
+        config = artifact.manifest.get("model", {}).get("causal_lm")
+        if config is None or "prefill" not in artifact.functions:
+            raise ArtifactError(f"{artifact.path} is not a causal language model artifact (it "
+                                "has no prefill/decode functions); compile a .gguf file or a "
+                                "Hugging Face causal LM")
+        self.config = config
+        self.prefill = artifact.function("prefill")
+        self.decode = artifact.function("decode")
+        self.eos_token_ids = set(config.get("eos_token_ids", []))
+        self.max_seq_len = int(config["max_seq_len"])
+        self._tokenizer = tokenizer
 
     def empty_cache(self):
         c = self.config

@@ -14,15 +14,19 @@ from graft.runtime.errors import ArtifactError, GraftError, RuntimeInputError
 VOCAB = 256
 
 
-@pytest.fixture(scope="module")
-def llama():
+def random_llama(layers: int, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=256, eos_token_id=None, bos_token_id=None)
     return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return random_llama(2, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -185,13 +189,7 @@ def shared_greedy(model, prompt, new_tokens, owner_of: dict):
 
 @pytest.fixture(scope="module")
 def llama4():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256,
-                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, eos_token_id=None, bos_token_id=None)
-    return LlamaForCausalLM(config).eval()
+    return random_llama(4, seed=1)
 
 
 def test_share_kv_groups_read_the_owners_cache(llama4, tmp_path):
@@ -204,7 +202,7 @@ def test_share_kv_groups_read_the_owners_cache(llama4, tmp_path):
     did = compiled.manifest["passes"][0]["did"]
     assert did["groups"] == [[0, 1], [2, 3]] and did["cache_layers"] == 2
     assert (did["kv_bytes_per_token_before"], did["kv_bytes_per_token_after"]) == (2048, 1024)
-    assert [d["kv_bytes_per_token"] for d in did["layers"]] == [512, 0, 512, 0]
+    assert [d["kv_bytes_per_token"] for d in did["layers"].values()] == [512, 0, 512, 0]
     assert did["perplexity_ratio"]["held_out"] > 1  # measured, and sharing costs something
     compiled.save(tmp_path / "art")
     engine = Engine(graft.load(tmp_path / "art"), max_batch_size=4)
@@ -215,12 +213,12 @@ def test_share_kv_groups_read_the_owners_cache(llama4, tmp_path):
         assert request.token_ids != greedy(llama4, prompt, 12)  # sharing changed something
 
 
-def test_share_kv_search_keeps_the_budget(llama4):
+def test_share_kv_search_keeps_the_budget(llama4, tmp_path):
     from graft import passes as P
 
     calibration = prompts([48] * 6, seed=8)
     compiled = graft.compile(llama4, task="causal-lm", kv_cache="paged", max_seq_len=128,
-                             scores=True, calibration=calibration,
+                             scores=True, calibration=calibration, dump_dir=tmp_path,
                              passes=[P.ShareKV("perplexity<=1.02")])
     did = compiled.manifest["passes"][0]["did"]
     trials = did["search"]
@@ -229,6 +227,9 @@ def test_share_kv_search_keeps_the_budget(llama4):
         assert trial["kept"] == (trial["perplexity_ratio"] <= 1.02)
     assert did["perplexity_ratio"]["search"] <= 1.02
     assert did["cache_layers"] == 4 - sum(t["kept"] for t in trials)
+    report = (tmp_path / "report.html").read_text()
+    assert "kv bytes per token by layer" in report and "ShareKV search" in report
+    assert report.count("<circle") == 3
 
 
 def test_share_kv_needs_paged_scores_and_sane_groups(llama4):
@@ -244,3 +245,26 @@ def test_share_kv_needs_paged_scores_and_sane_groups(llama4):
                       passes=[P.ShareKV(groups=[[2, 1]])])
     with pytest.raises(GraftError, match="perplexity ratios"):
         P.ShareKV("cosine>=0.9")
+
+
+ENGINE_WITHOUT_TORCH = r"""
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("torch", "onnx", "onnxruntime", "transformers"):
+            raise ImportError(f"blocked: {name}")
+sys.meta_path.insert(0, Block())
+import graft
+from graft.runtime.engine import Engine
+engine = Engine(graft.load(sys.argv[1]), max_batch_size=2)
+requests = engine.generate([[1, 2, 3], [4, 5]], 5)
+print("ok", *(len(r.token_ids) for r in requests))
+"""
+
+
+def test_engine_runs_without_torch(paged):
+    from conftest import run_python
+
+    result = run_python(ENGINE_WITHOUT_TORCH, str(paged.path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["ok", "5", "5"]

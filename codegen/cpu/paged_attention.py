@@ -41,6 +41,45 @@ def _dot(q, q_index, k, k_index, dim: int):
     return _across_lanes(tirx.Add, total)
 
 
+def _online_softmax(vec: int, dvs: int):
+    """Row r's softmax state after one more block of scores (score[r, :vec], turned into the
+    block's weights): running maximum top[r], sum total[r], weighted values acc[r]."""
+
+    @T.macro
+    def update(score, top, total, acc, scalar, r):
+        scalar[r, 0] = T.max(top[r], _across_lanes(T.max, score[r, T.ramp(0, 1, vec)]))
+        scalar[r, 1] = fast_exp(top[r] - scalar[r, 0])
+        top[r] = scalar[r, 0]
+        score[r, T.ramp(0, 1, vec)] = fast_exp(
+            score[r, T.ramp(0, 1, vec)] - T.broadcast(scalar[r, 0], vec))
+        total[r] = total[r] * scalar[r, 1] + _across_lanes(
+            tirx.Add, score[r, T.ramp(0, 1, vec)])
+        for dv in T.unroll(dvs):
+            acc[r, T.ramp(dv * vec, 1, vec)] = \
+                acc[r, T.ramp(dv * vec, 1, vec)] * T.broadcast(scalar[r, 1], vec)
+
+    return update
+
+
+def _write_row(vec: int, dvs: int):
+    """out[row, head] = acc[r] / total[r] and its lse (zeros and EMPTY for a row no key
+    reached)."""
+
+    @T.macro
+    def write(acc, top, total, r, output, row, head, lse):
+        if total[r] > T.float32(0):
+            for dv in T.unroll(dvs):
+                output[row, head, T.ramp(dv * vec, 1, vec)] = \
+                    acc[r, T.ramp(dv * vec, 1, vec)] * T.broadcast(T.float32(1) / total[r], vec)
+            lse[row, head] = top[r] * T.float32(LOG2E) + T.log2(total[r])
+        else:
+            for dv in T.unroll(dvs):
+                output[row, head, T.ramp(dv * vec, 1, vec)] = T.broadcast(T.float32(0), vec)
+            lse[row, head] = T.float32(EMPTY)
+
+    return write
+
+
 def supports(head_dim: int, dtype: str) -> bool:
     return head_dim % LANES == 0 and dtype == "float32"
 
@@ -48,6 +87,7 @@ def supports(head_dim: int, dtype: str) -> bool:
 def paged_decode_func(kv_heads: int, heads: int, dim: int, page_size: int = 16):
     """`batch_decode_paged_kv`'s signature: one new query row per sequence over its pages."""
     group, vec, dvs = heads // kv_heads, LANES, dim // LANES
+    update, write = _online_softmax(vec, dvs), _write_row(vec, dvs)
 
     @T.prim_func(s_tir=True)
     def batch_decode_paged_kv(q_handle: T.handle, pages_handle: T.handle,
@@ -104,17 +144,7 @@ def paged_decode_func(kv_heads: int, heads: int, dim: int, page_size: int = 16):
                                      (block * vec + c) % page_size), dim) * sm_scale
                             else:
                                 score[r, c] = T.float32(-3.0e38)
-                        scalar[r, 0] = T.max(top[r], _across_lanes(
-                            T.max, score[r, T.ramp(0, 1, vec)]))
-                        scalar[r, 1] = fast_exp(top[r] - scalar[r, 0])
-                        top[r] = scalar[r, 0]
-                        score[r, T.ramp(0, 1, vec)] = fast_exp(
-                            score[r, T.ramp(0, 1, vec)] - T.broadcast(scalar[r, 0], vec))
-                        total[r] = total[r] * scalar[r, 1] + _across_lanes(
-                            tirx.Add, score[r, T.ramp(0, 1, vec)])
-                        for dv in T.unroll(dvs):
-                            acc[r, T.ramp(dv * vec, 1, vec)] = \
-                                acc[r, T.ramp(dv * vec, 1, vec)] * T.broadcast(scalar[r, 1], vec)
+                        update(score, top, total, acc, scalar, r)
                     for c in range(T.min(vec, count - block * vec)):
                         for r in T.unroll(group):
                             for dv in T.unroll(dvs):
@@ -125,17 +155,7 @@ def paged_decode_func(kv_heads: int, heads: int, dim: int, page_size: int = 16):
                                         g, (block * vec + c) % page_size,
                                         T.ramp(dv * vec, 1, vec)]
                 for r in T.unroll(group):
-                    if total[r] > T.float32(0):
-                        for dv in T.unroll(dvs):
-                            output[b, g * group + r, T.ramp(dv * vec, 1, vec)] = \
-                                acc[r, T.ramp(dv * vec, 1, vec)] * \
-                                T.broadcast(T.float32(1) / total[r], vec)
-                        lse[b, g * group + r] = top[r] * T.float32(LOG2E) + T.log2(total[r])
-                    else:
-                        for dv in T.unroll(dvs):
-                            output[b, g * group + r, T.ramp(dv * vec, 1, vec)] = \
-                                T.broadcast(T.float32(0), vec)
-                        lse[b, g * group + r] = T.float32(EMPTY)
+                    write(acc, top, total, r, output, b, g * group + r, lse)
 
     return batch_decode_paged_kv
 
@@ -144,6 +164,7 @@ def ragged_prefill_func(kv_heads: int, heads: int, dim: int):
     """`batch_prefill_ragged_kv`'s signature: each sequence's new query rows over its new keys
     (causal when `causal` is set: row i sees the keys up to kv_len - qo_len + i)."""
     group, vec, dvs, spread = heads // kv_heads, LANES, dim // LANES, SPREAD
+    update, write = _online_softmax(vec, dvs), _write_row(vec, dvs)
 
     @T.prim_func(s_tir=True)
     def batch_prefill_ragged_kv(var_q: T.handle, var_q_indptr: T.handle, var_k: T.handle,
@@ -174,9 +195,11 @@ def ragged_prefill_func(kv_heads: int, heads: int, dim: int):
             for task in T.parallel(heads * spread):
                 h = task // spread
                 g = h // group
-                acc = T.decl_buffer((dim,), "float32", scope="local")
-                score = T.decl_buffer((vec,), "float32", scope="local")
-                state = T.decl_buffer((4,), "float32", scope="local")  # max, sum, new max, scale
+                top = T.decl_buffer((1,), "float32", scope="local")
+                total = T.decl_buffer((1,), "float32", scope="local")
+                acc = T.decl_buffer((1, dim), "float32", scope="local")
+                score = T.decl_buffer((1, vec), "float32", scope="local")
+                scalar = T.decl_buffer((1, 2), "float32", scope="local")
                 for b in range(batch_size):
                     rows = q_indptr[b + 1] - q_indptr[b]
                     keys = kv_indptr[b + 1] - kv_indptr[b]
@@ -184,47 +207,26 @@ def ragged_prefill_func(kv_heads: int, heads: int, dim: int):
                         row = task % spread + step * spread
                         visible = T.if_then_else(causal > 0,
                                                  T.min(keys - rows + row + 1, keys), keys)
-                        state[0] = T.float32(-3.0e38)
-                        state[1] = T.float32(0)
+                        top[0] = T.float32(-3.0e38)
+                        total[0] = T.float32(0)
                         for dv in T.unroll(dvs):
-                            acc[T.ramp(dv * vec, 1, vec)] = T.broadcast(T.float32(0), vec)
+                            acc[0, T.ramp(dv * vec, 1, vec)] = T.broadcast(T.float32(0), vec)
                         for block in range((visible + vec - 1) // vec):
                             for c in range(vec):
                                 if block * vec + c < visible:
-                                    score[c] = _dot(q, (q_indptr[b] + row, h), k,
-                                                    (kv_indptr[b] + block * vec + c, g),
-                                                    dim) * sm_scale
+                                    score[0, c] = _dot(q, (q_indptr[b] + row, h), k,
+                                                       (kv_indptr[b] + block * vec + c, g),
+                                                       dim) * sm_scale
                                 else:
-                                    score[c] = T.float32(-3.0e38)
-                            state[2] = T.max(state[0], _across_lanes(
-                                T.max, score[T.ramp(0, 1, vec)]))
-                            state[3] = fast_exp(state[0] - state[2])
-                            state[0] = state[2]
-                            score[T.ramp(0, 1, vec)] = fast_exp(
-                                score[T.ramp(0, 1, vec)] - T.broadcast(state[2], vec))
-                            state[1] = state[1] * state[3] + _across_lanes(
-                                tirx.Add, score[T.ramp(0, 1, vec)])
-                            for dv in T.unroll(dvs):
-                                acc[T.ramp(dv * vec, 1, vec)] = \
-                                    acc[T.ramp(dv * vec, 1, vec)] * T.broadcast(state[3], vec)
+                                    score[0, c] = T.float32(-3.0e38)
+                            update(score, top, total, acc, scalar, 0)
                             for c in range(T.min(vec, visible - block * vec)):
                                 for dv in T.unroll(dvs):
-                                    acc[T.ramp(dv * vec, 1, vec)] = \
-                                        acc[T.ramp(dv * vec, 1, vec)] + \
-                                        T.broadcast(score[c], vec) * \
+                                    acc[0, T.ramp(dv * vec, 1, vec)] = \
+                                        acc[0, T.ramp(dv * vec, 1, vec)] + \
+                                        T.broadcast(score[0, c], vec) * \
                                         v[kv_indptr[b] + block * vec + c, g,
                                           T.ramp(dv * vec, 1, vec)]
-                        if state[1] > T.float32(0):
-                            for dv in T.unroll(dvs):
-                                output[q_indptr[b] + row, h, T.ramp(dv * vec, 1, vec)] = \
-                                    acc[T.ramp(dv * vec, 1, vec)] * \
-                                    T.broadcast(T.float32(1) / state[1], vec)
-                            lse[q_indptr[b] + row, h] = state[0] * T.float32(LOG2E) + \
-                                T.log2(state[1])
-                        else:
-                            for dv in T.unroll(dvs):
-                                output[q_indptr[b] + row, h, T.ramp(dv * vec, 1, vec)] = \
-                                    T.broadcast(T.float32(0), vec)
-                            lse[q_indptr[b] + row, h] = T.float32(EMPTY)
+                        write(acc, top, total, 0, output, q_indptr[b] + row, h, lse)
 
     return batch_prefill_ragged_kv

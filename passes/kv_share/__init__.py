@@ -19,6 +19,7 @@ Choosing the groups, training-free, on calibration text (token id sequences):
 3. Greedy: in that order, a layer becomes a reader of the group before it if the perplexity
    ratio against the original model on the search samples stays within the budget.
 4. The final grouping is measured on held-out samples; over budget there is an error.
+The ratio is against the model as ShareKV receives it (after Quantize, the quantized model).
 `groups=` skips the search (e.g. [[20, 21, 22], [24, 25]]: layer 20 owns 21 and 22).
 """
 
@@ -77,22 +78,25 @@ class ShareKV(GraftPass):
                              f"but not on the held-out ones ({report['held_out']:.4f}) with "
                              f"{len(owner_of)} layers sharing; give more calibration text, or a "
                              "looser budget")
+        mod = state.mod.clone()  # the module passes receive stays as it was
         for name in state.signatures:
-            state.mod[name] = _shared(state.mod[name], owner_of)
-        state.mod = relax.transform.DeadCodeElimination()(state.mod)
+            mod[name] = _shared(mod[name], owner_of)
+        state.mod = relax.transform.DeadCodeElimination()(mod)
         config = _layer_config(state.mod["score"])
         per_token = config["bytes_per_layer_token"]
         owners = [layer for layer in range(layers) if layer not in owner_of]
         return {
+            "budget": str(self.budget),
             "groups": [[o] + [r for r in sorted(owner_of) if owner_of[r] == o] for o in owners
                        if any(owner_of[r] == o for r in owner_of)],
             "cache_layers": len(owners),
             "kv_bytes_per_token_before": per_token * layers,
             "kv_bytes_per_token_after": per_token * len(owners),
             "kv_reduction": round(1 - len(owners) / layers, 4),
-            "layers": [{"layer": layer, "reads": owner_of.get(layer, layer),
-                        "kv_bytes_per_token": 0 if layer in owner_of else per_token}
-                       for layer in range(layers)],
+            "layers": {f"layer {layer}": {"reads": owner_of.get(layer, layer),
+                                          "kv_bytes_per_token": 0 if layer in owner_of
+                                          else per_token}
+                       for layer in range(layers)},
             **({"perplexity_ratio": report} if report else {}),
             **({"search": search} if search is not None else {}),
         }
