@@ -3,7 +3,8 @@
     decode throughput, graft paged: 1 sequence against 8 at once (tokens/s of decode steps, each
         sequence past a 64-token prompt), and the ratio; transformers' greedy decoding of the
         same prompts (one, and a padded batch of 8) as the reference, in the same process
-    decode step latency of one sequence: graft paged against graft's explicit-cache build
+    decode step latency of one sequence: graft paged against graft's explicit-cache build, and
+        int4 weights (Quantize, group 32) against fp32, both paged
     prefill of a 256-token prompt: graft paged against the explicit-cache build
     ShareKV at perplexity budgets +5%, +10%, +20% (calibration: 8 chunks of 128 tokens of
         pydoc_data.topics, 6 searched on and 2 held out): layers sharing, KV bytes per token
@@ -88,6 +89,7 @@ def bench_decode(args) -> None:
     import torch
 
     import graft
+    from graft import passes as P
     from graft.frontend.causal_lm import load_hf_causal_lm
     from graft.runtime.engine import Engine
     from graft.runtime.generate import Generator
@@ -101,6 +103,9 @@ def bench_decode(args) -> None:
     print(f"SmolLM2: graft compile, paged KV cache {time.perf_counter() - started:.1f} s",
           flush=True)
     graft.compile(model, task="causal-lm", max_seq_len=512).save(workdir / "explicit")
+    graft.compile(model, task="causal-lm", max_seq_len=512, kv_cache="paged",
+                  passes=[P.Quantize("int4", group_size=32)]).save(workdir / "paged_int4")
+    int4_engine = Engine(graft.load(workdir / "paged_int4"), max_batch_size=1)
     paged = graft.load(workdir / "paged")
     explicit = Generator(graft.load(workdir / "explicit"))
     gen = np.random.default_rng(0)
@@ -117,12 +122,13 @@ def bench_decode(args) -> None:
     print(f"SmolLM2 decode, graft paged: 1 sequence {rate['one']:6.1f} tokens/s, 8 at once "
           f"{rate['eight']:6.1f} tokens/s: {rate['eight'] / rate['one']:.2f}x", flush=True)
     print(f"SmolLM2 decode, transformers: 1 sequence {rate['torch one']:6.1f} tokens/s, 8 at "
-          f"once {rate['torch eight']:6.1f} tokens/s: {rate['torch eight'] / rate['torch one']:.2f}x"
+          f"once {rate['torch eight']:6.1f} tokens/s: "
+          f"{rate['torch eight'] / rate['torch one']:.2f}x"
           f"  (graft/transformers: {rate['one'] / rate['torch one']:.2f}x at 1, "
           f"{rate['eight'] / rate['torch eight']:.2f}x at 8)", flush=True)
 
     # one sequence's decode step and a 256-token prefill: paged against the explicit cache
-    steps = {"paged": [], "explicit": []}
+    steps = {"paged": [], "explicit": [], "paged int4": []}
     prefill = {"paged": [], "explicit": []}
     long_prompt = gen.integers(0, 49152, 256).tolist()
     for _ in range(args.rounds):
@@ -130,6 +136,8 @@ def bench_decode(args) -> None:
         steps["paged"].append(result.decode_seconds / args.steps)
         result = explicit.generate(prompts[0], args.steps + 1)
         steps["explicit"].append(result.decode_seconds / args.steps)
+        result = int4_engine.generate([prompts[0]], args.steps + 1)[0]
+        steps["paged int4"].append(result.decode_seconds / args.steps)
         prefill["paged"].append(one_engine.generate([long_prompt], 1)[0].prefill_seconds)
         prefill["explicit"].append(explicit.generate(long_prompt, 1).prefill_seconds)
     step = {k: statistics.median(v) * 1e3 for k, v in steps.items()}
@@ -137,6 +145,9 @@ def bench_decode(args) -> None:
     print(f"SmolLM2 decode step, 1 sequence: paged {step['paged']:6.2f} ms, explicit cache "
           f"{step['explicit']:6.2f} ms: paged/explicit {step['paged'] / step['explicit']:.2f}",
           flush=True)
+    print(f"SmolLM2 decode step, 1 sequence, paged: int4 weights (group 32) "
+          f"{step['paged int4']:6.2f} ms, fp32 {step['paged']:6.2f} ms: int4/fp32 "
+          f"{step['paged int4'] / step['paged']:.2f}", flush=True)
     print(f"SmolLM2 prefill, 256 tokens: paged {fill['paged']:7.1f} ms, explicit cache "
           f"{fill['explicit']:7.1f} ms: paged/explicit {fill['paged'] / fill['explicit']:.2f}",
           flush=True)
@@ -179,7 +190,8 @@ def bench_share() -> None:
     request = engine.generate(["The capital of France is"], 16)[0]
     print(f"SmolLM2 int4 + ShareKV perplexity<=1.1, one compile ({seconds:.0f} s): "
           f"{30 - share['cache_layers']} layers sharing, KV bytes per token "
-          f"{share['kv_bytes_per_token_after']}, perplexity ratio (held out, against int4 unshared) "
+          f"{share['kv_bytes_per_token_after']}, perplexity ratio (held out, against int4 "
+          f"unshared) "
           f"{share['perplexity_ratio']['held_out']:.4f}; generates {request.text!r}", flush=True)
 
 

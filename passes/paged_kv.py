@@ -48,7 +48,6 @@ CACHE_SIZES = ("max_batch_size", "max_total_seq_len", "prefill_chunk_size", "pag
 PAGE_SIZE = 16  # TVM's CPU kernels take no other (TVM-FACTS)
 
 
-
 class PagedKV(GraftPass):
     """Lower a causal LM's explicit KV cache onto TVM's paged KV cache; see the module text."""
 
@@ -74,8 +73,8 @@ class PagedKV(GraftPass):
                    "batch_decode": ("prefill", True)}
         functions, layers = {}, None
         for name, (source, every_position) in lowered.items():
-            # a copy: no Vars shared between functions
-            original = tvm.ir.load_json(tvm.ir.save_json(mod[source]))
+            # a copy: no Vars shared between functions (GlobalVars stay the module's)
+            original = relax.utils.copy_with_new_vars(mod[source])
             func, found, heads = _paged_function(mod, original, every_position)
             config["num_heads"] = heads
             if layers is not None and found != layers:

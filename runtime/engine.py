@@ -15,9 +15,10 @@ One `step`: requests waiting for a slot are admitted (at most `max_batch_size` s
 cache pages at once) and their prompts prefilled, one sequence per forward; then every running
 sequence decodes one token: `decode` (the one-row build) when only one runs, else
 `batch_decode` calls of the artifact's `decode_batch` rows each (rows no sequence fills run on
-scratch sequences whose token is dropped again). A finished request gives its pages back at once, so a waiting one joins at the
-next step: continuous batching. `fork` starts a sequence from another's cached tokens, which
-it shares instead of computing them again (`Request.prefill_tokens` counts what was computed).
+scratch sequences whose token is dropped again). A finished request gives its pages back at
+once, so a waiting one joins at the next step: continuous batching. `fork` starts a sequence
+from another's cached tokens, which it shares instead of computing them again
+(`Request.prefill_tokens` counts what each request computed).
 
 Sampling: temperature 0 is greedy (argmax); otherwise softmax(logits / temperature), cut to the
 smallest set of tokens whose probability reaches `top_p`, drawn with the request's own

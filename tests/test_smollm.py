@@ -128,10 +128,9 @@ MORE_PROMPTS = ["Water boils at", "import numpy as np\n", "My favourite food is"
 
 
 @pytest.fixture(scope="module")
-def smollm_paged(smollm, tmp_path_factory):
-    model = smollm[0]
+def smollm_paged(tmp_path_factory):
     artifact = tmp_path_factory.mktemp("smollm_paged") / "art"
-    graft.compile(model, task="causal-lm", max_seq_len=256, kv_cache="paged").save(artifact)
+    graft.compile(gguf_path(), max_seq_len=256, kv_cache="paged").save(artifact)
     return graft.load(artifact)
 
 
@@ -163,3 +162,19 @@ def test_paged_eight_at_once_equal_one_at_a_time(smollm, smollm_paged):
     alone = Engine(smollm_paged, max_batch_size=1)
     for request, prompt in zip(together, prompts):
         assert request.token_ids == alone.generate([prompt], PAGED_TOKENS)[0].token_ids
+
+
+def test_graft_generate_runs_several_prompts_on_the_paged_cache(smollm, smollm_paged):
+    from graft.runtime.engine import Engine
+
+    prompts = PROMPTS[:2]
+    result = subprocess.run([sys.executable, "-m", "graft.cli", "generate",
+                             str(smollm_paged.path), "--prompt", prompts[0], "--prompt",
+                             prompts[1], "--max-new-tokens", "16", "--ids"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    got = [[int(t) for t in line.split()[1:]] for line in result.stdout.splitlines()
+           if line.startswith("ids:")]
+    expected = [r.token_ids for r in Engine(smollm_paged).generate(prompts, 16)]
+    assert got == expected and len(got) == 2
+    assert "2 sequences" in result.stderr
