@@ -76,6 +76,9 @@ def compile(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None
     """
     started = time.perf_counter()
     tvm_target = resolve_target(target)
+    if kv_cache == "paged" and tvm_target.kind.name != "llvm":  # before minutes of importing
+        raise GraftError(f"kv_cache='paged' builds CPU attention kernels; the target is "
+                         f"{tvm_target.kind.name} (use kv_cache='explicit' there)")
     dumper = DumpInstrument(dump_dir) if dump_dir is not None else None
     if isinstance(model, ImportedModel):  # imported once, compiled for several targets
         imported = model

@@ -284,3 +284,8 @@ def test_paged_composes_with_int4_weights(llama, tmp_path):
     batch = prompts([4, 19, 33], seed=9)
     for request, prompt in zip(engine.generate(batch, 10), batch):
         assert request.token_ids == explicit.generate(prompt, 10).token_ids
+
+
+def test_paged_is_refused_for_cuda_before_importing(llama):
+    with pytest.raises(GraftError, match="the target is cuda"):
+        graft.compile(llama, task="causal-lm", kv_cache="paged", target="cuda")
