@@ -43,6 +43,17 @@ def tiny_artifact(tiny_model, tmp_path_factory):
     return path
 
 
+# a script preamble after which torch, onnx, onnxruntime and transformers cannot be imported
+BLOCK_TORCH = r"""
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("torch", "onnx", "onnxruntime", "transformers"):
+            raise ImportError(f"blocked: {name}")
+sys.meta_path.insert(0, Block())
+"""
+
+
 def run_python(code: str, *args, env=None, timeout=300):
     """Run `code` in a fresh interpreter; returns the CompletedProcess."""
     import subprocess

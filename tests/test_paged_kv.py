@@ -247,25 +247,17 @@ def test_share_kv_needs_paged_scores_and_sane_groups(llama4):
         P.ShareKV("cosine>=0.9")
 
 
-ENGINE_WITHOUT_TORCH = r"""
-import sys, importlib.abc
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name.split(".")[0] in ("torch", "onnx", "onnxruntime", "transformers"):
-            raise ImportError(f"blocked: {name}")
-sys.meta_path.insert(0, Block())
+def test_engine_runs_without_torch(paged):
+    from conftest import BLOCK_TORCH, run_python
+
+    script = BLOCK_TORCH + r"""
 import graft
 from graft.runtime.engine import Engine
 engine = Engine(graft.load(sys.argv[1]), max_batch_size=2)
 requests = engine.generate([[1, 2, 3], [4, 5]], 5)
 print("ok", *(len(r.token_ids) for r in requests))
 """
-
-
-def test_engine_runs_without_torch(paged):
-    from conftest import run_python
-
-    result = run_python(ENGINE_WITHOUT_TORCH, str(paged.path))
+    result = run_python(script, str(paged.path))
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["ok", "5", "5"]
 

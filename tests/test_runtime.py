@@ -10,7 +10,7 @@ import pytest
 import graft
 from graft.runtime.errors import ArtifactError, RuntimeInputError
 
-from conftest import run_python
+from conftest import BLOCK_TORCH, run_python
 
 
 def test_wrong_number_of_inputs(tiny_artifact):
@@ -104,13 +104,7 @@ def test_format_version_and_path_traversal_refused(tiny_artifact, tmp_path):
         graft.load(tmp_path / "missing")
 
 
-RUN_WITHOUT_TORCH = r"""
-import sys, importlib.abc
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name.split(".")[0] in ("torch", "onnx", "onnxruntime", "transformers"):
-            raise ImportError(f"blocked: {name}")
-sys.meta_path.insert(0, Block())
+RUN_WITHOUT_TORCH = BLOCK_TORCH + r"""
 import numpy as np
 import graft
 rt = graft.load(sys.argv[1])
