@@ -82,6 +82,8 @@ class Engine(ArtifactText):
             raise ArtifactError(f"{artifact.path} has no paged KV cache functions; compile the "
                                 "causal LM with --kv-cache paged (or use graft.runtime.generate."
                                 "Generator for the explicit cache)")
+        if max_batch_size < 1:
+            raise RuntimeInputError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.artifact = artifact
         self.config = config
         self.max_batch_size = int(max_batch_size)
@@ -100,8 +102,7 @@ class Engine(ArtifactText):
             "kv_state_add_sequence", "kv_state_remove_sequence", "kv_state_fork_sequence",
             "kv_state_popn",
             "kv_state_begin_forward", "kv_state_end_forward",
-            "attention_kv_cache_get_num_available_pages",
-            "attention_kv_cache_get_total_sequence_length")}
+            "attention_kv_cache_get_num_available_pages")}
         shape = tvm.runtime.ShapeTuple
         self.decode_batch = int(config.get("decode_batch", 8))
         self.max_total_tokens = self.max_batch_size * self.max_seq_len
