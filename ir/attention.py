@@ -15,6 +15,8 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.relax.dpl import is_const, is_op, wildcard
 
+from graft.codegen.rewrites import shape_dims
+
 
 def _repeat_kv():
     kv = wildcard()
@@ -34,18 +36,13 @@ softmax = is_op("relax.nn.softmax")(masked)
 ATTENTION = is_op("relax.matmul")(softmax, repeated_value | plain_value)
 
 
-def _shape(expr) -> list | None:
-    shape = getattr(getattr(expr, "ty", None), "shape", None)
-    return list(shape.values) if shape is not None and hasattr(shape, "values") else None
-
-
 def kv_source(matches: dict, which: str):
     """The key (`which="key"`) or value tensor an ATTENTION match reads before any repeat_kv,
     and its repeat count (1 without repeat_kv); (None, None) for a repeat graft cannot read."""
     kv, repeated, plain = (key, repeated_key, plain_key) if which == "key" else \
         (value, repeated_value, plain_value)
     if repeated in matches:
-        wide = _shape(matches[repeated.args[0]])
+        wide = shape_dims(matches[repeated.args[0]])
         axis = [int(a) for a in matches[repeated.args[0].args[0]].attrs.axis]
         if wide is None or len(wide) != 5 or axis != [2] or not isinstance(wide[2], tirx.IntImm):
             return None, None

@@ -35,7 +35,7 @@ import tvm
 from tvm import relax, tirx
 
 from graft.codegen.cpu import paged_attention
-from graft.codegen.rewrites import provably_equal
+from graft.codegen.rewrites import provably_equal, shape_dims
 from graft.ir.attention import ATTENTION, cache_layer_of, kv_source, query
 from graft.passes.pipeline import CompileState, GraftPass
 from graft.runtime.errors import GraftError
@@ -113,7 +113,7 @@ def kv_bytes_per_token(config: dict) -> int:
 
 
 def _cache_config(state: CompileState) -> dict:
-    """Layers, heads and head size, read off prefill's past_k [L, 1, Hkv, P, D] and q."""
+    """Layers, KV heads and head size, read off prefill's past_k [L, 1, Hkv, P, D]."""
     past_k = state.mod["prefill"].params[2].ty
     layers, _, kv_heads, _, head_dim = past_k.shape.values
     return {"num_layers": int(layers), "num_kv_heads": int(kv_heads),
@@ -209,7 +209,7 @@ def _is_last_position(call: relax.Call) -> bool:
     the last position's hidden state for the LM head."""
     if not call.op.same_as(tvm.ir.Op.get("relax.strided_slice")):
         return False
-    dims = list(call.args[0].ty.shape.values) if hasattr(call.args[0].ty, "shape") else []
+    dims = shape_dims(call.args[0]) or []
     if len(dims) != 3 or isinstance(dims[1], tirx.IntImm):
         return False
     axes, begin, end = ([getattr(x, "value", x) for x in a.fields] for a in call.args[1:4])

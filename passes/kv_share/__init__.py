@@ -69,7 +69,7 @@ class ShareKV(GraftPass):
         owner_of = self._given(layers) if self.groups is not None else None
         search = None
         if owner_of is None or state.calibration:
-            evaluator, search_set, held_set = self._evaluator(state, layers)
+            evaluator, held_set = self._evaluator(state, layers)
         if owner_of is None:
             owner_of, search = self._search(evaluator, layers)
         report = _measure(evaluator, owner_of, layers, held_set) if state.calibration else {}
@@ -82,8 +82,7 @@ class ShareKV(GraftPass):
         for name in state.signatures:
             mod[name] = _shared(mod[name], owner_of)
         state.mod = relax.transform.DeadCodeElimination()(mod)
-        config = _layer_config(state.mod["score"])
-        per_token = config["bytes_per_layer_token"]
+        per_token = _kv_bytes_per_layer_token(state.mod["score"])
         owners = [layer for layer in range(layers) if layer not in owner_of]
         return {
             "budget": str(self.budget),
@@ -130,7 +129,7 @@ class ShareKV(GraftPass):
         measuring.signatures[SWITCHED] = signature
         measuring.params[FLAGS] = np.zeros(layers, dtype=bool)
         evaluator = Evaluator(measuring, SWITCHED, {"search": search, "held_out": held_out})
-        return evaluator, search, held_out
+        return evaluator, held_out
 
     def _search(self, evaluator: Evaluator, layers: int) -> tuple[dict, list]:
         similarity = _adjacent_similarity(evaluator, layers)
@@ -198,12 +197,11 @@ def _adjacent_similarity(evaluator: Evaluator, layers: int) -> list[float]:
     return list(sums / count)
 
 
-def _layer_config(func) -> dict:
+def _kv_bytes_per_layer_token(func) -> int:
+    """K and V bytes of one token in one layer, from past_k [L, 1, kv_heads, P, head_dim]."""
     past_k = func.params[2].ty
-    _, _, kv_heads, _, head_dim = (int(d) if isinstance(d, tvm.tirx.IntImm) else d
-                                   for d in past_k.shape.values)
-    return {"bytes_per_layer_token": 2 * kv_heads * head_dim *
-            tvm.DataType(str(past_k.dtype)).bits // 8}
+    _, _, kv_heads, _, head_dim = past_k.shape.values
+    return 2 * int(kv_heads) * int(head_dim) * tvm.DataType(str(past_k.dtype)).bits // 8
 
 
 @relax.expr_functor.mutator
