@@ -80,7 +80,8 @@ def _inside(real_root: Path, name: str, manifest_path: Path) -> Path:
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Memory-map a safetensors file as numpy arrays (no torch needed, no copy)."""
     dtypes = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64,
-              "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+              "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+              "U16": np.uint16, "U32": np.uint32, "U64": np.uint64, "BOOL": np.bool_}
     try:
         import ml_dtypes
         dtypes["BF16"] = ml_dtypes.bfloat16

@@ -2,7 +2,8 @@
 
 The kernel (`passes/quantize/formats.gemv_func`, epilogue fused in by FuseOps) computes, per
 group of the reduction axis, partial sums of x times the raw 4-bit values, and applies the
-group's scale and offset once to each partial sum. Schedule: tasks own tiles of TILE output
+group's scale and offset once to each partial sum; the eight rows of a packed word are
+unrolled, so each reads its nibble with a constant mask. Schedule: tasks own tiles of TILE output
 columns; a task walks the groups, accumulates one group's partial sums for its tile in
 registers (vectors of lanes, the group's rows streamed), folds them into the tile's sums,
 and finally runs the epilogue on the tile.
@@ -14,12 +15,13 @@ from tvm import s_tir, tirx
 from tvm.target import Target
 
 from graft.codegen.cpu import common
+from graft.passes.quantize.formats import WORD_ROWS
 
 PART, SUM, XSUM = "graft_gemv_part", "graft_gemv_sum", "graft_gemv_xsum"
 
 
 class QuantizedGEMV(common.CPURule):
-    TILES = (64, 32)     # output columns per task, widest first
+    TILES = (128, 64, 32)  # output columns per task, widest first
     TASKS_PER_CORE = 4   # take the narrower tile when the wider one gives fewer tasks
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool):
@@ -46,10 +48,13 @@ class QuantizedGEMV(common.CPURule):
         sch.set_scope(part, 0, "local")
         p_grp, p_col, p_kk = sch.get_loops(part)[-3:]
         sch.reorder(p_kk, p_col)
+        # the rows of one word unrolled: each reads its nibble with a constant mask
+        _, p_word_row = sch.split(p_kk, [None, WORD_ROWS])
+        sch.unroll(p_word_row)
         p_vec, p_lane = sch.split(p_col, [None, lanes])
         sch.unroll(p_vec)
         sch.vectorize(p_lane)
-        sch.decompose_reduction(part, p_kk)
+        sch.decompose_reduction(part, sch.get_loops(part)[-4])
 
         t_vec, t_lane = sch.split(sch.get_loops(total)[-1], [None, lanes])
         sch.vectorize(t_lane)

@@ -7,8 +7,8 @@ row of K is a vector of outputs:
 - fp16: `q` float16 [K, N]; w = float32(q) (storage only: products stay float32).
 - int8, per output channel, symmetric: `q` int8 [K, N], `scale` float32 [N];
   w = q * scale.
-- int4, group-wise along K (the reduction axis), two values per byte: `q` uint8
-  [N/64, K, 32] (tiles of 64 output columns, each contiguous over all of K, so a task that
+- int4, group-wise along K (the reduction axis), eight values per 32-bit word: `q` uint32
+  [N/64, K/8, 64] (tiles of 64 output columns, each contiguous over all of K, so a task that
   owns a tile streams one run of memory; row by row, [K, N/2] costs a new page per row),
   `scale` float16 [N/64, K/G, 64] and, unless symmetric, `offset` float16 [N/64, K/G, 64]
   (tile-major like `q`, so a task reads its groups' scales from one run of memory; half
@@ -17,9 +17,12 @@ row of K is a vector of outputs:
   float) or w = (q4 - 8) * scale (symmetric). Each group's scale and offset minimise its
   weighted squared rounding error (a search over ranges, each refitted by least squares, as
   llama.cpp's k-quants do; see `_int4_groups`), not just its min and max.
-  Nibble order, per block of 32 columns: byte i of the block holds column i in its low nibble
-  and column 16 + i in its high one, so 16 bytes expand into two whole vectors of 16 outputs
-  with one shift each (interleaved pairs measured 7x slower to expand).
+  Nibble order: word [t, o, c] holds column 64 t + c at rows 8 o .. 8 o + 7, row 8 o + j in
+  bits 4 j .. 4 j + 3. A vector of 16 words is then 16 outputs at eight rows, and row j's values
+  come out with one mask and one unsigned conversion (q4 * 2^(4 j), exact), the 2^(4 j) undone
+  on x instead (see `gemv_func`): three instructions per 16 weights, no widening shuffles.
+  (Bytes of two nibbles, widened to 32-bit lanes, took four, and interleaved pairs measured 7x
+  slower still.)
 
 The numpy dequantizers compute exactly what the kernels compute (float32, q * scale + offset),
 so a model evaluated with dequantized weights shows the quantized model's error.
@@ -32,8 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 from tvm import te, tirx
 
-NIBBLE_BLOCK = 32  # columns per nibble block (see the module docstring)
 COLUMN_TILE = 64   # int4 columns stored together over all of K (see the module docstring)
+WORD_ROWS = 8      # int4 rows (of K) per 32-bit word
 SCHEMES = ("int8", "int4", "fp16")
 FLOAT16_LIMIT = 60000.0  # int4 weights beyond it would overflow their float16 scale/offset
 
@@ -79,7 +82,7 @@ class PackedWeight:
         groups = {"scale": ((n // COLUMN_TILE, k // self.group, COLUMN_TILE), "float16")}
         if not self.symmetric:
             groups["offset"] = groups["scale"]
-        return {"q": ((n // COLUMN_TILE, k, COLUMN_TILE // 2), "uint8"), **groups}
+        return {"q": ((n // COLUMN_TILE, k // WORD_ROWS, COLUMN_TILE), "uint32"), **groups}
 
 
 def can_pack(scheme: str, n: int, k: int, group: int, weight: np.ndarray | None = None) \
@@ -127,11 +130,10 @@ def quantize(weight_nk: np.ndarray, scheme: str, group: int = 32, symmetric: boo
         q[rows:rows + ROWS_PER_CHUNK], scale[rows:rows + ROWS_PER_CHUNK], \
             offset[rows:rows + ROWS_PER_CHUNK] = _int4_groups(
                 w[rows:rows + ROWS_PER_CHUNK].reshape(-1, k // group, group), symmetric, channels)
-    q = q.T  # [K, N]
-    blocks = q.reshape(k, n // NIBBLE_BLOCK, 2, NIBBLE_BLOCK // 2)
-    packed = (blocks[:, :, 0, :] | (blocks[:, :, 1, :] << 4)).reshape(k, n // COLUMN_TILE,
-                                                                       COLUMN_TILE // 2)
-    packed = packed.transpose(1, 0, 2)  # [N / tile, K, tile / 2]
+    rows = q.T.reshape(k // WORD_ROWS, WORD_ROWS, n).astype(np.uint32)  # [K/8, 8, N]
+    words = np.bitwise_or.reduce(rows << (4 * np.arange(WORD_ROWS, dtype=np.uint32))[:, None],
+                                 axis=1)  # [K/8, N]
+    packed = words.reshape(k // WORD_ROWS, n // COLUMN_TILE, COLUMN_TILE).transpose(1, 0, 2)
     arrays = {"q": np.ascontiguousarray(packed), "scale": _tile_major(scale)}
     if not symmetric:
         arrays["offset"] = _tile_major(offset)
@@ -230,8 +232,9 @@ def dequantize(packed: PackedWeight) -> np.ndarray:
     if packed.scheme == "int8":
         return (a["q"].astype(np.float32) * a["scale"][None, :]).T.copy()
     k, n, g = packed.k, packed.n, packed.group
-    blocks = a["q"].transpose(1, 0, 2).reshape(k, n // NIBBLE_BLOCK, 1, NIBBLE_BLOCK // 2)
-    q = np.concatenate([blocks & 15, blocks >> 4], axis=2).reshape(k, n).astype(np.float32)
+    words = a["q"].transpose(1, 0, 2).reshape(k // WORD_ROWS, 1, n)  # [K/8, 1, N]
+    shifts = (4 * np.arange(WORD_ROWS, dtype=np.uint32))[:, None]
+    q = ((words >> shifts) & 15).reshape(k, n).astype(np.float32)
     scale = np.repeat(_row_major(a["scale"]), g, axis=0)
     if "offset" in a:
         w = q * scale + np.repeat(_row_major(a["offset"]), g, axis=0)
@@ -262,9 +265,9 @@ def _expand(packed: PackedWeight, operands: list, row, col):
     scale = parts["scale"]
     if packed.scheme == "int8":
         return q[row, col].astype("float32") * scale[col]
-    byte, shift = _nibble_address(q, row, col)
-    nibble = tirx.bitwise_and(tirx.shift_right(byte, shift), tirx.const(15, "uint8"))
-    value = nibble.astype("float32")
+    word, shift = _nibble_address(q, row, col)
+    value = tirx.bitwise_and(tirx.shift_right(word, shift),
+                             tirx.const(15, "uint32")).astype("float32")
     group = row // packed.group
     if "offset" in parts:
         return value * _per_group(scale, group, col) + _per_group(parts["offset"], group, col)
@@ -277,10 +280,9 @@ def _per_group(tiled, group, col):
 
 
 def _nibble_address(q, row, col):
-    """The byte holding the int4 weight [row (K), col (N)] and the shift to its nibble."""
-    half = NIBBLE_BLOCK // 2
-    byte = q[col // COLUMN_TILE, row, col % COLUMN_TILE // NIBBLE_BLOCK * half + col % half]
-    return byte, (col % NIBBLE_BLOCK // half * 4).astype("uint8")
+    """The word holding the int4 weight [row (K), col (N)] and the shift to its nibble."""
+    word = q[col // COLUMN_TILE, row // WORD_ROWS, col % COLUMN_TILE]
+    return word, (row % WORD_ROWS * 4).astype("uint32")
 
 
 def dequantize_func(packed: PackedWeight) -> tirx.PrimFunc:
@@ -321,8 +323,11 @@ def gemv_func(packed: PackedWeight, x_shape: list[int]) -> tirx.PrimFunc:
         y[n]       = sum over g of part[g, n] * scale[g, n] + xsum[g] * offset[g, n]
                      (symmetric: (part[g, n] - 8 * xsum[g]) * scale[g, n])
 
-    so expanding a weight costs a shift, a mask and a conversion, and one multiply-add. The
-    blocks are named graft_gemv_* for the QuantizedGEMV schedule rule (codegen/cpu/)."""
+    A weight is not shifted down to its nibble: row 8 o + j is read as the unsigned word masked
+    to bits 4 j .. 4 j + 3, converted to float (q4 * 2^(4 j), exact), and multiplied by x[k]
+    scaled by 2^(-4 j) once per call; the product is x[k] * q4 exactly, so a weight costs a
+    mask, a conversion and one multiply-add. The blocks are named graft_gemv_* for the
+    QuantizedGEMV schedule rule (codegen/cpu/)."""
     assert packed.scheme == "int4"
     operands = _operands(packed)
     parts = dict(zip(packed.roles(), operands))
@@ -331,17 +336,24 @@ def gemv_func(packed: PackedWeight, x_shape: list[int]) -> tirx.PrimFunc:
     x = te.placeholder([*lead, _i64(k)], "float32", name="x")
     zeros = [_i64(0)] * len(lead)
 
-    def nibble(row, col):
-        byte, shift = _nibble_address(parts["q"], row, col)
-        return tirx.bitwise_and(tirx.shift_right(byte, shift),
-                                tirx.const(15, "uint8")).astype("float32")
+    def nibble_in_place(row, col):  # q4 * 2^(4 j)
+        word, shift = _nibble_address(parts["q"], row, col)
+        return tirx.bitwise_and(word, tirx.shift_left(tirx.const(15, "uint32"), shift)) \
+            .astype("float32")
 
+    def power_of_two(exponent):  # 2^exponent as float32 bits (exact; normal range only)
+        bits = tirx.shift_left((exponent + 127).astype("uint32"), tirx.const(23, "uint32"))
+        return tirx.reinterpret("float32", bits)
+
+    x_scaled = te.compute((_i64(k),), lambda row: x[(*zeros, row)] * power_of_two(
+        -(row % WORD_ROWS * 4).astype("int32")), name="graft_gemv_xscaled")
     kk = te.reduce_axis((_i64(0), _i64(g)), name="kk")
     xsum = te.compute((_i64(k // g),), lambda grp: te.sum(x[(*zeros, grp * g + kk)], axis=kk),
                       name="graft_gemv_xsum")
     kk = te.reduce_axis((_i64(0), _i64(g)), name="kk")
     part = te.compute((_i64(k // g), _i64(n)), lambda grp, col: te.sum(
-        x[(*zeros, grp * g + kk)] * nibble(grp * g + kk, col), axis=kk), name="graft_gemv_part")
+        x_scaled[grp * g + kk] * nibble_in_place(grp * g + kk, col), axis=kk),
+        name="graft_gemv_part")
     gr = te.reduce_axis((_i64(0), _i64(k // g)), name="gr")
     if "offset" in parts:
         def term(col):
