@@ -14,6 +14,10 @@ With these, most exported programs import as torch.export wrote them, without
   adding it to a tensor of length n loses the shape and a later `view(..., -1)` fails. When
   torch's own output length is n, the slice is emitted with `assume_inbound=True`; likewise
   `x[:, -k:]` (transformers' `logits_to_keep`), whose length TVM cannot simplify to k.
+- `batch_norm.default` (what torch.export writes for a BatchNorm layer without decompositions):
+  TVM reads its arguments as `_native_batch_norm_legit`'s (training, momentum, eps shifted by
+  one), so an eval-mode BatchNorm ran with batch statistics and eps 0.1. This reads
+  (input, weight, bias, running_mean, running_var, training, momentum, eps) as torch does.
 - `scaled_dot_product_attention`: TVM's converter accepts only float masks and emits
   `nn.attention`, which no graft schedule rule covers. This emits the math form, like
   PyTorch's reference, as matmuls and a softmax that the CPU rules schedule: the scale is
@@ -101,6 +105,27 @@ def _same_symbol(a, b) -> bool:
             and a.node.expr == b.node.expr)
 
 
+def batch_norm(node, importer):
+    x = importer.env[node.args[0]]
+    channels = int(importer.shape_of(x)[1])
+    dtype = str(x.ty.dtype)
+
+    def operand(index, name, fill):
+        arg = _arg(node, index, name)
+        return importer.env[arg] if arg is not None else relax.const(np.full(channels, fill,
+                                                                             dtype))
+
+    weight, bias = operand(1, "weight", 1.0), operand(2, "bias", 0.0)
+    mean, var = operand(3, "running_mean", 0.0), operand(4, "running_var", 1.0)
+    training = bool(_arg(node, 5, "training", False))
+    momentum = float(_arg(node, 6, "momentum", 0.1) or 0.1)
+    eps = float(_arg(node, 7, "eps", 1e-5))
+    out = importer.block_builder.emit(relax.op.nn.batch_norm(
+        x, weight, bias, mean, var, axis=1, epsilon=eps, center=True, scale=True,
+        momentum=momentum, training=training))
+    return importer.block_builder.emit(relax.TupleGetItem(out, 0))
+
+
 def scaled_dot_product_attention(node, importer):
     emit = importer.block_builder.emit
     query, key, value = (importer.env[a] for a in node.args[:3])
@@ -163,4 +188,5 @@ CONVERTERS = {
     "where.ScalarSelf": where_with_scalars,
     "where.ScalarOther": where_with_scalars,
     "scaled_dot_product_attention.default": scaled_dot_product_attention,
+    "batch_norm.default": batch_norm,
 }

@@ -160,3 +160,23 @@ def test_attention_dropout_is_refused_by_name():
 
     with pytest.raises(graft.GraftError, match="dropout_p=0.1"):
         graft.compile(Dropping(), (torch.randn(1, 2, 4, 8),))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_eval_mode_batch_norm_uses_running_statistics(no_decomposition, tmp_path, affine):
+    """torch.export writes `batch_norm.default`; TVM's converter read its training flag as the
+    momentum and ran with batch statistics and eps 0.1."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.BatchNorm2d(6, affine=affine))
+    with torch.no_grad():  # statistics far from the batch's own, so the two modes differ
+        model[1].running_mean.uniform_(-2, 2)
+        model[1].running_var.uniform_(0.5, 4)
+        if affine:
+            model[1].weight.uniform_(0.5, 2)
+            model[1].bias.uniform_(-1, 1)
+    model.eval()
+    x = torch.randn(2, 3, 8, 8)
+    runtime = compile_and_load(model, (x,), None, tmp_path)
+    with torch.no_grad():
+        expected = model(x).numpy()
+    assert max_abs(runtime(x.numpy()), expected) < 1e-5
