@@ -14,6 +14,7 @@ from graft.codegen import cpu
 from graft.codegen.rewrites import replace_functions
 from graft.codegen.rewrites.clipped_take import legalize_take
 from graft.codegen.rewrites.fast_gelu import FAST_LEGALIZATIONS
+from graft.codegen.rewrites.exit_branches import ExitBranches
 from graft.codegen.rewrites.fuse_dequantize import FuseDequantizeGEMV
 from graft.codegen.rewrites.grouped_attention import GroupedQueryAttention
 from graft.codegen.rewrites.fold_weight_layouts import FoldWeightLayouts
@@ -92,6 +93,8 @@ def lowering_entries(target: tvm.target.Target, weight_layouts: bool = True,
         ScheduleKernels(schedule_rules(target)).as_entry(),
         # weights copied into the layouts the kernels chose, here instead of at every call
         *([FoldWeightLayouts().as_entry()] if weight_layouts else []),
+        # early exits (EarlyExit): return from the first confident exit, skip what follows
+        entry("exit_branches", ExitBranches()),
     ]
 
 

@@ -19,11 +19,17 @@ class FunctionSignature:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     params: list[str]  # names into ImportedModel.params, in the order the function takes them
+    # EarlyExit: {"exits": [layer, ...]}; the compiled function then returns its exit's index
+    # after the outputs (the runtime strips it and counts exits)
+    early_exit: dict | None = None
 
     def to_json(self) -> dict:
-        return {"inputs": [s.to_json() for s in self.inputs],
-                "outputs": [s.to_json() for s in self.outputs],
-                "params": list(self.params)}
+        out = {"inputs": [s.to_json() for s in self.inputs],
+               "outputs": [s.to_json() for s in self.outputs],
+               "params": list(self.params)}
+        if self.early_exit is not None:
+            out["early_exit"] = dict(self.early_exit)
+        return out
 
 
 @dataclass

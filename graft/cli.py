@@ -122,6 +122,19 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--sparsify-budget", metavar="METRIC<=|>=VALUE",
                    help="accuracy budget for --sparsify, measured on --calibration like "
                         "--budget")
+    e = p.add_argument_group("early exit (classifiers)")
+    e.add_argument("--early-exit", metavar="top1>=AGREEMENT",
+                   help="exits after intermediate layers, heads fitted on --calibration inputs, "
+                        "thresholds chosen so the outputs agree with the full model's top-1 at "
+                        "least this often (e.g. top1>=0.99); a batch exits when every row is "
+                        "confident")
+    e.add_argument("--exit-layers", metavar="auto|N,N,...", default="auto",
+                   help="where exits may go: 'auto' (chosen by expected cost), layer numbers "
+                        "(3,6: after the 3rd and 6th weighted layer) or fractions of the "
+                        "model's FLOPs (0.3,0.6)")
+    e.add_argument("--exit-confidence", choices=["max_prob", "entropy"], default="max_prob",
+                   help="the confidence test: largest softmax probability, or 1 - normalized "
+                        "entropy")
     k = p.add_argument_group("KV sharing (causal LMs with --kv-cache paged)")
     k.add_argument("--share-kv", metavar="perplexity<=RATIO",
                    help="layers read an earlier layer's K/V, so the paged cache holds fewer "
@@ -204,9 +217,18 @@ def _compile(args) -> int:
                                  fallback=args.fallback,
                                  smooth_alpha=None if alpha == "none" else alpha,
                                  activations=args.activations))
-    elif args.budget or (args.calibration and not (args.sparsify or args.share_kv)):
+    elif args.budget or (args.calibration and not (args.sparsify or args.share_kv
+                                                   or args.early_exit)):
         raise GraftError("--budget and --calibration go with a pass that uses them "
-                         "(--quantize, or --sparsify or --share-kv for --calibration)")
+                         "(--quantize, or --sparsify, --early-exit or --share-kv for "
+                         "--calibration)")
+    if args.early_exit:
+        from graft import passes as P
+
+        passes.append(P.EarlyExit(args.early_exit, exits=args.exit_layers,
+                                  confidence=args.exit_confidence))
+    elif args.exit_layers != "auto":
+        raise GraftError("--exit-layers goes with --early-exit")
     if args.share_kv or args.share_kv_groups:
         from graft import passes as P
 

@@ -220,6 +220,12 @@ def _check_order(passes) -> None:
         raise GraftError("passes: Sparsify must come before Quantize (Quantize packs the "
                          "weights that Sparsify prunes, and Sparsify finds no float weights "
                          f"after it); the order given was {', '.join(names)}")
+    if "early_exit" in names and any(n in ("quantize", "sparsify")
+                                     for n in names[names.index("early_exit"):]):
+        raise GraftError("passes: EarlyExit must come after Quantize and Sparsify (its heads "
+                         "and thresholds are fitted to the model they will run in, and the "
+                         f"exits are not weights to compress); the order given was "
+                         f"{', '.join(names)}")
 
 
 def _as_entry(p) -> Entry:

@@ -143,6 +143,10 @@ class Function:
         self.inputs = [TensorSpec.from_json(s) for s in signature["inputs"]]
         self.outputs = [TensorSpec.from_json(s) for s in signature["outputs"]]
         self._params = [artifact.params[p] for p in signature["params"]]
+        # EarlyExit: the layer after which each exit leaves, and how often each was taken
+        # (the last count: calls that ran the whole model)
+        self.exit_layers = list(signature.get("early_exit", {}).get("exits", []))
+        self.exit_counts = [0] * (len(self.exit_layers) + 1) if self.exit_layers else []
 
     def __str__(self) -> str:
         return f"{self.name}({', '.join(map(str, self.inputs))})"
@@ -184,8 +188,19 @@ class Function:
 
     def _invoke(self, values: list) -> list[np.ndarray]:
         tensors = self.check_inputs(values)
-        result = self.run_tvm(*tensors)
-        return _to_numpy_list(result)
+        result = _to_numpy_list(self.run_tvm(*tensors))
+        if self.exit_layers:  # the compiled function returned its exit's index last
+            self.exit_counts[int(result.pop())] += 1
+        return result
+
+    def exit_rates(self) -> dict:
+        """EarlyExit: the fraction of calls that left after each exit's layer ("layer N"), and
+        that ran the whole model ("full"); empty without exits or before the first call."""
+        calls = sum(self.exit_counts)
+        if not calls:
+            return {}
+        names = [f"layer {layer}" for layer in self.exit_layers] + ["full"]
+        return {name: count / calls for name, count in zip(names, self.exit_counts)}
 
     def check_inputs(self, values: list) -> list:
         """Convert inputs to tvm tensors, checking dtype, rank, static and symbolic dims."""

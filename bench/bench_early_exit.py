@@ -1,0 +1,104 @@
+"""EarlyExit on a classifier with real weights: the digits CNN (bench/digits_cnn.py, trained
+here in about 30 s), compiled with and without exits (fitted heads, budget top1>=0.99),
+measured on the 400 held-out images, one image per call (batch 1).
+
+Prints accuracy of torch, the full compiled model and the model with exits, the exit rates,
+and the mean latency per input of each (median over rounds, each round timing every held-out
+image once with each model, in alternating blocks), with the ratio exits/full.
+
+    python bench/bench_early_exit.py [--rounds 7] [--budget top1>=0.99]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import digits_cnn  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--budget", default="top1>=0.99")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    import graft
+    from graft import passes as P
+
+    started = time.perf_counter()
+    model = digits_cnn.train()
+    print(f"digits CNN trained in {time.perf_counter() - started:.1f} s", flush=True)
+    (train_x, _), (calib_x, _), (test_x, test_y) = digits_cnn.splits()
+    images = np.concatenate([train_x, calib_x])
+    calibration = [(images[i:i + 1],) for i in range(len(images))]
+    example = (torch.from_numpy(test_x[:1]),)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        graft.compile(model, example).save(Path(tmp) / "full")
+        started = time.perf_counter()
+        exits = graft.compile(model, example, calibration=calibration,
+                              passes=[P.EarlyExit(args.budget)])
+        print(f"compiled with EarlyExit in {time.perf_counter() - started:.1f} s "
+              f"({len(calibration)} calibration images)", flush=True)
+        exits.save(Path(tmp) / "exits")
+        did = exits.manifest["passes"][0]["did"]
+        full_fn = graft.load(Path(tmp) / "full").function("main")
+        exit_fn = graft.load(Path(tmp) / "exits").function("main")
+
+        inputs = [full_fn.check_inputs([test_x[i:i + 1]]) for i in range(len(test_x))]
+        with torch.no_grad():
+            reference = model(torch.from_numpy(test_x)).numpy()
+        full_out = np.concatenate([full_fn(test_x[i:i + 1]) for i in range(len(test_x))])
+        exit_out = np.concatenate([exit_fn(test_x[i:i + 1]) for i in range(len(test_x))])
+        rates = exit_fn.exit_rates()
+
+        def per_input(fn) -> float:
+            begin = time.perf_counter()
+            for tensors in inputs:
+                fn.run_tvm(*tensors)
+            return (time.perf_counter() - begin) / len(inputs) * 1e3
+
+        def torch_per_input() -> float:
+            begin = time.perf_counter()
+            with torch.inference_mode():
+                for i in range(len(test_x)):
+                    model(torch.from_numpy(test_x[i:i + 1]))
+            return (time.perf_counter() - begin) / len(test_x) * 1e3
+
+        per_input(full_fn), per_input(exit_fn)  # warm-up
+        times = {"full": [], "exits": [], "torch": []}
+        for _ in range(args.rounds):
+            times["full"].append(per_input(full_fn))
+            times["exits"].append(per_input(exit_fn))
+            times["torch"].append(torch_per_input())
+        ms = {k: float(np.median(v)) for k, v in times.items()}
+
+    acc = {name: digits_cnn.accuracy(out, test_y) for name, out in
+           (("torch", reference), ("full", full_out), ("exits", exit_out))}
+    agreement = float(np.mean(exit_out.argmax(-1) == reference.argmax(-1)))
+    placed = ", ".join(f"layer {e['layer']} (threshold {e['threshold']:.3f})" for e in did["exits"])
+    print(f"exits at {placed}; held-out calibration agreement {did['agreement_held_out']:.4f}")
+    print("exit rates on the test images: " +
+          ", ".join(f"{name} {rate:.1%}" for name, rate in rates.items()))
+    print(f"digits CNN accuracy (400 test images): torch {acc['torch']:.4f}  graft full "
+          f"{acc['full']:.4f}  graft with exits {acc['exits']:.4f} "
+          f"({(acc['exits'] - acc['full']) * 100:+.2f} points; top-1 agreement "
+          f"{agreement:.4f})")
+    print(f"digits CNN latency per image (batch 1): graft full {ms['full']:.3f} ms  with exits "
+          f"{ms['exits']:.3f} ms  torch {ms['torch']:.3f} ms  exits/full "
+          f"{ms['exits'] / ms['full']:.2f}  (expected FLOPs {did['expected_flops']:.2f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
