@@ -3,7 +3,8 @@
 Plain HTML with inline SVG bar charts: no scripts, no network, opens anywhere. Plots appear
 for what passes report per layer: Quantize's weight error, sensitivity and precision,
 Sparsify's sparsity, ShareKV's KV cache bytes per token (and its search: the KV reduction each
-accepted step reached against the perplexity ratio it cost).
+accepted step reached against the perplexity ratio it cost), EarlyExit's exit rates and each
+exit's agreement with the full model (held-out calibration samples).
 """
 
 from __future__ import annotations
@@ -47,12 +48,13 @@ def _summary(did) -> str:
 def _layer_plot(record: dict) -> str:
     layers = record["did"]["layers"]
     names = list(layers)
-    metrics = [m for m in ("weight_error", "sensitivity", "sparsity", "kv_bytes_per_token")
+    metrics = [m for m in ("weight_error", "sensitivity", "sparsity", "kv_bytes_per_token",
+                           "exit_rate", "exit_agreement")
                if any(m in v for v in layers.values())]
     charts = []
     width, bar = 900, 10
     for metric in metrics:
-        values = [float(layers[n].get(metric, 0.0)) for n in names]
+        values = [float(layers[n].get(metric) or 0.0) for n in names]
         top = max(values) or 1.0
         bars = []
         for i, (name, value) in enumerate(zip(names, values)):

@@ -173,3 +173,18 @@ def test_cli_compiles_with_early_exit(tmp_path):
     assert manifest["functions"]["main"]["early_exit"]["exits"]
     assert_one_line_error(graft_cli("compile", tmp_path / "tiny.pt2", "-o", tmp_path / "b",
                                     "--exit-layers", "1"), "--exit-layers goes with")
+
+
+def test_exit_rates_are_reported_and_plotted(tmp_path):
+    model = TinyNet().eval()
+    calibration = _tiny_calibration()
+    compiled = graft.compile(model, (torch.from_numpy(calibration[0][0]),),
+                             calibration=calibration, dump_dir=tmp_path / "dump",
+                             passes=[P.EarlyExit("top1>=0.01", exits=[1, 2],
+                                                 thresholds=[0.0, 0.0])])
+    did = compiled.manifest["passes"][0]["did"]
+    assert did["layers"]["layer 1"]["exit_rate"] == 1.0  # threshold 0: every sample leaves
+    assert did["layers"]["layer 2"]["exit_rate"] == 0.0
+    assert did["layers"]["full model"]["exit_rate"] == 0.0
+    report = (tmp_path / "dump" / "report.html").read_text()
+    assert "exit rate by layer" in report and "exit agreement by layer" in report

@@ -216,6 +216,10 @@ class EarlyExit(GraftPass):
         return thresholds(chosen)
 
     def _report(self, chosen, measured, total, margin, searched) -> dict:
+        layers = {f"layer {e.layer.index}": {
+            "exit_rate": measured["rates"][i], "exit_agreement": measured["agreement_per_exit"][i],
+            "threshold": round(float(e.threshold), 6)} for i, e in enumerate(chosen)}
+        layers["full model"] = {"exit_rate": measured["rates"][-1]}
         return {
             "budget": str(self.budget),
             "confidence": self.confidence,
@@ -223,11 +227,14 @@ class EarlyExit(GraftPass):
             "exits": [{"layer": e.layer.index, "features": int(e.weight.shape[0]),
                        "flops_before": round(e.layer.flops_before / max(total, 1), 4),
                        "threshold": round(float(e.threshold), 6),
-                       "rate": measured["rates"][i]} for i, e in enumerate(chosen)],
+                       "rate": measured["rates"][i],
+                       "agreement": measured["agreement_per_exit"][i]}
+                      for i, e in enumerate(chosen)],
             "full_model_rate": measured["rates"][-1],
             "agreement_held_out": measured["agreement"],
             "expected_flops": round(_expected_flops(chosen, measured["rates"], total), 4),
             "search_margin": margin,
+            "layers": layers,
         }
 
 
@@ -365,14 +372,15 @@ def _measure_compiled(state, name, module, params, signature, sets, reference, n
     evaluator = Evaluator(sub, name, {"held_out": sets["held_out"]}, reference=False)
     with progress.step("checking the exits on held-out samples"):
         runs = evaluator.run({}, "held_out")
-    counts = np.zeros(n_exits + 1)
-    agree, rows = 0, 0
+    counts, agreeing = np.zeros(n_exits + 1), np.zeros(n_exits + 1)
     offset = 0
     for value, index in runs:
         n = len(value)
-        agree += int((value.argmax(-1) == reference[offset:offset + n]).sum())
+        agreeing[int(index)] += int((value.argmax(-1) == reference[offset:offset + n]).sum())
         counts[int(index)] += n
         offset += n
-        rows += n
-    rates = [round(float(c / max(rows, 1)), 4) for c in counts]
-    return {"agreement": round(agree / max(rows, 1), 6), "rates": rates}
+    rows = max(offset, 1)
+    return {"agreement": round(float(agreeing.sum() / rows), 6),
+            "rates": [round(float(c / rows), 4) for c in counts],
+            "agreement_per_exit": [round(float(a / c), 4) if c else None
+                                   for a, c in zip(agreeing, counts)]}
