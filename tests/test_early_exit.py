@@ -188,3 +188,38 @@ def test_exit_rates_are_reported_and_plotted(tmp_path):
     assert did["layers"]["full model"]["exit_rate"] == 0.0
     report = (tmp_path / "dump" / "report.html").read_text()
     assert "exit rate by layer" in report and "exit agreement by layer" in report
+
+
+def test_a_batch_exits_only_when_every_row_is_confident(tmp_path):
+    """Threshold between two rows' confidences: the batch of both runs the full model for
+    both rows; the confident row twice leaves at the exit."""
+    from graft.passes.early_exit import heads
+
+    model = TinyNet().eval()
+    calibration = [(np.repeat(c[0], 2, axis=0),) for c in _tiny_calibration()]
+    example = (torch.from_numpy(calibration[0][0]),)
+    probe = graft.compile(model, example, calibration=calibration, passes=[
+        P.EarlyExit("top1>=0.01", exits=[2], thresholds=[2.0])])
+    weight, bias = probe.params["early_exit.0.weight"], probe.params["early_exit.0.bias"]
+    gen = np.random.default_rng(4)
+    pool = (gen.standard_normal((64, 1, 8, 8)) * gen.uniform(0.1, 3, (64, 1, 1, 1)))
+    with torch.no_grad():
+        pooled = model.convs[:4](torch.from_numpy(pool.astype(np.float32))).numpy()
+    pool_confidence = heads.confidence(heads.features(pooled) @ weight + bias, "max_prob")
+    rows = pool[[pool_confidence.argmin(), pool_confidence.argmax()]].astype(np.float32)
+    with torch.no_grad():
+        hidden = model.convs[:4](torch.from_numpy(rows)).numpy()
+        full = model(torch.from_numpy(rows)).numpy()
+    confidence = heads.confidence(heads.features(hidden) @ weight + bias, "max_prob")
+    assert abs(confidence[0] - confidence[1]) > 1e-3
+    sure = int(np.argmax(confidence))
+    compiled = graft.compile(model, example, calibration=calibration, passes=[
+        P.EarlyExit("top1>=0.01", exits=[2], thresholds=[float(confidence.mean())])])
+    compiled.save(tmp_path / "art")
+    main = graft.load(tmp_path / "art").function("main")
+    np.testing.assert_allclose(main(rows), full, rtol=1e-4, atol=1e-4)
+    both_sure = np.stack([rows[sure], rows[sure]])
+    exited = main(both_sure)
+    np.testing.assert_allclose(exited[0], (heads.features(hidden) @ weight + bias)[sure],
+                               rtol=1e-4, atol=1e-4)
+    assert main.exit_counts == [1, 1]
