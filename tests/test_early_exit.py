@@ -223,3 +223,37 @@ def test_a_batch_exits_only_when_every_row_is_confident(tmp_path):
     np.testing.assert_allclose(exited[0], (heads.features(hidden) @ weight + bias)[sure],
                                rtol=1e-4, atol=1e-4)
     assert main.exit_counts == [1, 1]
+
+
+def test_depth_reduction_fits_a_map_and_compiles(tmp_path):
+    """Two of six layers of a random Llama removed: the fitted map brings the final hidden
+    state on the calibration text closer to the full model's than plain removal of the same
+    layers (least squares on those tokens), and the reduced model compiles with a 4-layer
+    cache and generates what transformers generates with it."""
+    from graft.passes import reduce_depth
+    from graft.runtime.generate import Generator
+    from test_paged_kv import greedy, prompts, random_llama
+
+    model = random_llama(6, seed=1)
+    calibration = prompts([48] * 8, seed=3)
+    mapped, did = reduce_depth(model, calibration, remove=2)
+    plain, _ = reduce_depth(model, calibration, remove=2, fit_map=False,
+                            start=did["removed"][0])
+    assert did["layers"] == 4 and len(did["removed"]) == 2 and did["removed"][0] >= 1
+
+    def last_hidden(m):
+        with torch.no_grad():
+            return torch.cat([m(torch.tensor([ids]), output_hidden_states=True)
+                              .hidden_states[-1][0] for ids in calibration])
+
+    target = last_hidden(model)
+    assert (last_hidden(mapped) - target).pow(2).mean() < \
+        (last_hidden(plain) - target).pow(2).mean()
+    compiled = graft.compile(mapped, task="causal-lm", max_seq_len=128)
+    assert compiled.manifest["model"]["causal_lm"]["num_layers"] == 4
+    compiled.save(tmp_path / "art")
+    generator = Generator(graft.load(tmp_path / "art"))
+    for prompt in prompts([5, 17], seed=11):
+        assert generator.generate(prompt, 12).token_ids == greedy(mapped, prompt, 12)
+    with pytest.raises(GraftError, match="removing 5 of 6 layers"):
+        reduce_depth(model, calibration, remove=5)

@@ -238,6 +238,13 @@ class EarlyExit(GraftPass):
         }
 
 
+def reduce_depth(model, calibration, remove=0.25, fit_map: bool = True, start=None):
+    """Static depth reduction of a transformers decoder LM: see `depth.py` (imports torch)."""
+    from graft.passes.early_exit.depth import reduce_depth as reduce
+
+    return reduce(model, calibration, remove=remove, fit_map=fit_map, start=start)
+
+
 def _parse_exits(exits):
     if exits == "auto" or exits is None:
         return "auto"
