@@ -51,7 +51,7 @@ MIN_EXIT_ROWS = 5                 # an exit is kept only if at least this many r
 SEARCH_MARGINS = (0.75, 0.5, 0.25, 0.1, 0.0)  # disagreement allowed on the search rows
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: each is one candidate
 class Exit:
     layer: LayerEnd
     weight: np.ndarray   # [F, C]
@@ -132,10 +132,11 @@ class EarlyExit(GraftPass):
                 state.mod, state.params = module, params
                 state.signatures[name] = signature
                 return self._report(chosen, measured, total, margin, len(candidates))
-        raise GraftError(f"early_exit: no exit meets the budget {self.budget} on the held-out "
-                         f"calibration samples ({len(sets['held_out'])} samples; candidates "
-                         f"after layers {[c.index for c in candidates]}); give more "
-                         "calibration data or a looser budget")
+        raise GraftError(f"early_exit: no exit both keeps the budget {self.budget} on the "
+                         f"held-out calibration samples ({len(sets['held_out'])} samples) and "
+                         f"saves work (candidates after layers "
+                         f"{[c.index for c in candidates]}); give more calibration data or a "
+                         "looser budget")
 
     # -- steps ---------------------------------------------------------------------------------
 
