@@ -132,6 +132,10 @@ class EarlyExit(GraftPass):
                 state.mod, state.params = module, params
                 state.signatures[name] = signature
                 return self._report(chosen, measured, total, margin, len(candidates))
+            if self.thresholds is not None:  # fixed: tightening the search changes nothing
+                raise GraftError(f"early_exit: the thresholds given reach top-1 agreement "
+                                 f"{measured['agreement']:.4f} on the held-out calibration "
+                                 f"samples; the budget is {self.budget}")
         raise GraftError(f"early_exit: no exit both keeps the budget {self.budget} on the "
                          f"held-out calibration samples ({len(sets['held_out'])} samples) and "
                          f"saves work (candidates after layers "
