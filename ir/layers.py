@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import tvm
 from tvm import relax
 
+from graft.ir.stats import op_flops
 from graft.ir.weights import bindings
 
 WEIGHTED_OPS = {"relax.matmul", "relax.nn.conv1d", "relax.nn.conv2d", "relax.nn.conv3d"}
@@ -47,7 +47,7 @@ def layer_ends(func: relax.Function, weights: dict, dims: dict | None = None) ->
     for i, b in enumerate(flat):
         if _is_weighted_op(b.value):
             counted += 1
-            flops += _flops(b.value, dims or {})
+            flops += op_flops(b.value, dims or {})
         if last_use.get(b.var, -1) > i:
             live.add(b.var)
         live = {v for v in live if last_use[v] > i}
@@ -63,7 +63,7 @@ def layer_ends(func: relax.Function, weights: dict, dims: dict | None = None) ->
 
 
 def total_flops(func: relax.Function, dims: dict | None = None) -> int:
-    return int(sum(_flops(b.value, dims or {}) for b in bindings(func)
+    return int(sum(op_flops(b.value, dims or {}) for b in bindings(func)
                    if _is_weighted_op(b.value)))
 
 
@@ -105,29 +105,3 @@ def _static_shape(var: relax.Var) -> tuple[int, ...]:
     if not isinstance(shape, relax.ShapeExpr):
         return tuple([-1] * var.ty.ndim)
     return tuple(int(d) if isinstance(d, tvm.tirx.IntImm) else -1 for d in shape.values)
-
-
-def _dims(expr, dims: dict) -> list[int] | None:
-    shape = expr.ty.shape if isinstance(expr.ty, relax.TensorType) else None
-    if not isinstance(shape, relax.ShapeExpr):
-        return None
-    out = []
-    for d in shape.values:
-        if isinstance(d, tvm.tirx.IntImm):
-            out.append(int(d))
-        elif isinstance(d, tvm.tirx.Var):
-            out.append(int(dims.get(d.name, 1)))
-        else:
-            return None
-    return out
-
-
-def _flops(call: relax.Call, dims: dict) -> int:
-    out = _dims(call, dims)
-    if out is None:
-        return 0
-    if call.op.name == "relax.matmul":
-        lhs = _dims(call.args[0], dims)
-        return 2 * int(np.prod(out)) * lhs[-1] if lhs else 0
-    weight = _dims(call.args[1], dims)
-    return 2 * int(np.prod(out)) * int(np.prod(weight[1:])) if weight else 0

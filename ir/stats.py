@@ -100,7 +100,8 @@ def _shape(expr, dims) -> list[int] | None:
     return None
 
 
-def _call_flops(mod, call: relax.Call, dims) -> int:
+def op_flops(call: relax.Call, dims: dict) -> int:
+    """FLOPs of a Relax matmul or convolution call (0 for any other op)."""
     if not isinstance(call.op, tvm.ir.Op):
         return 0
     name = call.op.name
@@ -110,7 +111,15 @@ def _call_flops(mod, call: relax.Call, dims) -> int:
     if name in ("relax.nn.conv1d", "relax.nn.conv2d", "relax.nn.conv3d"):
         out, weight = _shape(call, dims), _shape(call.args[1], dims)
         return 2 * int(np.prod(out)) * int(np.prod(weight[1:])) if out and weight else 0
-    if name == "relax.call_tir" and isinstance(call.args[0], tvm.ir.GlobalVar):
+    return 0
+
+
+def _call_flops(mod, call: relax.Call, dims) -> int:
+    if not isinstance(call.op, tvm.ir.Op):
+        return 0
+    if call.op.name != "relax.call_tir":
+        return op_flops(call, dims)
+    if isinstance(call.args[0], tvm.ir.GlobalVar):
         prim = mod[call.args[0]]
         if isinstance(prim, tirx.PrimFunc):
             args = list(call.args[1].fields) if isinstance(call.args[1], relax.Tuple) else [call.args[1]]

@@ -30,6 +30,7 @@ counts exits per function (`Function.exit_counts`).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -334,8 +335,6 @@ def _expected_flops(chosen: list[Exit], rates: list, total: int, overhead: float
 
 def _rewrite(state, name, func, chosen: list[Exit], confidence: str):
     """A copy of the module, params and signature with the exits' heads and tests added."""
-    import copy
-
     params = dict(state.params)
     signature = copy.deepcopy(state.signatures[name])
     head_vars = []

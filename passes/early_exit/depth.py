@@ -25,6 +25,8 @@ import copy
 import numpy as np
 import torch
 
+from graft.passes.early_exit.heads import ridge
+from graft.passes.quantize.evaluate import row_cosines
 from graft.runtime.errors import GraftError
 
 RIDGE = 1e-2  # relative to the mean energy of the hidden states
@@ -45,7 +47,7 @@ def reduce_depth(model, calibration, remove: float | int = 0.25, fit_map: bool =
         raise GraftError("reduce_depth fits its map on calibration text: give token id "
                          "sequences")
     states = _hidden_states(model, calibration)   # entering each layer: [layers + 1][rows, D]
-    distances = [float(np.mean(_cosine_distance(states[s], states[s + count])))
+    distances = [float(np.mean(1.0 - row_cosines(states[s], states[s + count])))
                  for s in range(1, total - count)]
     if start is None:
         start = 1 + int(np.argmin(distances))
@@ -100,17 +102,9 @@ def _hidden_states(model, calibration) -> list[np.ndarray]:
     return per_layer
 
 
-def _cosine_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    return 1.0 - (a * b).sum(axis=1) / np.maximum(norms, 1e-30)
-
-
 def _fit(entering: np.ndarray, leaving: np.ndarray) -> np.ndarray:
     """T [D, D] float32 with leaving ~ entering + entering @ T (ridge)."""
-    gram = entering.T @ entering
-    strength = RIDGE * max(float(np.trace(gram)) / len(gram), 1e-12)
-    delta = np.linalg.solve(gram + strength * np.eye(len(gram)), entering.T @ (leaving - entering))
-    return delta.astype(np.float32)
+    return ridge(entering, leaving - entering, RIDGE).astype(np.float32)
 
 
 class MappedEntry(torch.nn.Module):

@@ -62,12 +62,16 @@ def fit_head(feats: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.nda
     """Ridge regression of targets [rows, C] on features [rows, F]: (W [F, C], b [C]) float32.
     Features are centred first, so the bias is not shrunk."""
     mean_f, mean_t = feats.mean(axis=0), targets.astype(np.float64).mean(axis=0)
-    x, y = feats - mean_f, targets - mean_t
-    gram = x.T @ x
-    strength = RIDGE * max(float(np.trace(gram)) / len(gram), 1e-12)
-    weight = np.linalg.solve(gram + strength * np.eye(len(gram)), x.T @ y)
+    weight = ridge(feats - mean_f, targets - mean_t, RIDGE)
     bias = mean_t - mean_f @ weight
     return weight.astype(np.float32), bias.astype(np.float32)
+
+
+def ridge(x: np.ndarray, y: np.ndarray, relative: float) -> np.ndarray:
+    """argmin_W |x W - y|^2 + s |W|^2, with s = `relative` x the mean energy of x's columns."""
+    gram = x.T @ x
+    strength = relative * max(float(np.trace(gram)) / len(gram), 1e-12)
+    return np.linalg.solve(gram + strength * np.eye(len(gram)), x.T @ y)
 
 
 def out_of_fold(feats: np.ndarray, targets: np.ndarray, folds: int = 5) -> np.ndarray:

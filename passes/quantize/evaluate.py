@@ -130,7 +130,7 @@ def compare(metric: str, outputs: list, reference: list, samples: list) -> float
     if metric == "perplexity":
         return _perplexity(outputs, samples) / _perplexity(reference, samples)
     if metric == "cosine":
-        return float(np.mean([_cosines(o, r).mean() for o, r in zip(outputs, reference)]))
+        return float(np.mean([row_cosines(o, r).mean() for o, r in zip(outputs, reference)]))
     return float(np.mean([np.mean(o.argmax(-1) == r.argmax(-1))
                           for o, r in zip(outputs, reference)]))
 
@@ -174,7 +174,7 @@ def _perplexity(logits_list: list, samples: list) -> float:
     return math.exp(total / max(count, 1))
 
 
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = a.reshape(-1, a.shape[-1]).astype(np.float64)
     b = b.reshape(-1, b.shape[-1]).astype(np.float64)
     norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
