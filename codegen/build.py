@@ -52,12 +52,12 @@ def lowering_entries(target: tvm.target.Target, weight_layouts: bool = True,
     return [
         # matmul(x, broadcast_to(W)) reads W directly instead of a batch of copies
         entry("matmul_broadcast_weight", MatmulBroadcastWeight()),
+        # masked attention (prefill, and a decode step's few query rows): one kernel
+        *([entry("fused_attention", FusedAttention())] if on_cpu else []),
         # grouped-query attention reads each key/value head once, not once per query head
         # (CPU only: dlight's CUDA rules give the grouped product, whose row count is
         # symbolic, a stack array of symbolic size, which CUDA codegen refuses)
         *([entry("grouped_query_attention", GroupedQueryAttention())] if on_cpu else []),
-        # masked attention over a symbolic number of queries (prefill): one kernel, no scores
-        *([entry("fused_attention", FusedAttention())] if on_cpu else []),
         # softmax over a symbolic length (attention over a cache): graft's vectorized kernel
         *([entry("symbolic_softmax", SymbolicSoftmax())] if on_cpu else []),
         # CPU kernels want weights as [K, N]: transpose them once, here, not at every call

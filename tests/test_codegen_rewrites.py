@@ -2,6 +2,7 @@
 Before/After form, plus numeric checks of the weight layouts against numpy."""
 
 import numpy as np
+import pytest
 import tvm
 from tvm import relax
 from tvm.script import ir as I
@@ -404,9 +405,9 @@ PREFILL_ATTENTION = """
 @I.ir_module
 class Prefill:
     @R.function
-    def main(q: R.Tensor((1, 4, "n", 16), "float32"), k: R.Tensor((1, 2, "t", 16), "float32"),
-             v: R.Tensor((1, 2, "t", 16), "float32"), mask: R.Tensor((1, 1, "n", "t"), "bool")):
-        n, t = T.int64(), T.int64()
+    def main(q: R.Tensor((1, 4, {n}, 16), "float32"), k: R.Tensor((1, 2, "t", 16), "float32"),
+             v: R.Tensor((1, 2, "t", 16), "float32"), mask: R.Tensor((1, 1, {n}, "t"), "bool")):
+        t = T.int64()
         with R.dataflow():
             ke = R.expand_dims(k, axis=[2])
             kb = R.broadcast_to(ke, R.shape([1, 2, 2, t, 16]))
@@ -424,8 +425,10 @@ class Prefill:
 """
 
 
-def _prefill_attention(fill=-3.4028234663852886e38):
-    return tvm.script.from_source(PREFILL_ATTENTION.format(fill=repr(fill)),
+def _prefill_attention(fill=-3.4028234663852886e38, queries=None):
+    """The attention block over `queries` (static) query rows, or a symbolic number."""
+    n = '"n"' if queries is None else str(queries)
+    return tvm.script.from_source(PREFILL_ATTENTION.format(fill=repr(fill), n=n),
                                   extra_vars={"I": I, "R": R, "T": T})
 
 
@@ -456,40 +459,68 @@ def test_attention_with_a_mild_mask_fill_is_kept():
     tvm.ir.assert_structural_equal(FusedAttention()(before), before)
 
 
-def test_fused_attention_equals_numpy():
-    """Causal, with a past, random masks, rows masked everywhere, lengths off the blocks:
-    the compiled prefill attention equals the unfused computation in numpy."""
+def _compiled_attention(queries=None):
+    """The attention block through graft's lowering: (VM, names of its kernels)."""
     from graft.codegen import build as codegen
     from graft.codegen.target import resolve_target
     from graft.passes.pipeline import run_pipeline
 
     target = resolve_target("cpu")
-    state = CompileState(_prefill_attention(), {}, {}, target=target)
+    state = CompileState(_prefill_attention(queries=queries), {}, {}, target=target)
     run_pipeline(state, codegen.lowering_entries(target))
-    assert [gv.name_hint for gv, f in state.mod.functions_items()
-            if isinstance(f, tvm.tirx.PrimFunc)] == ["attention_4x2x16"]
-    vm = relax.VirtualMachine(codegen.build(state.mod, target), tvm.cpu())
+    kernels = [gv.name_hint for gv, f in state.mod.functions_items()
+               if isinstance(f, tvm.tirx.PrimFunc)]
+    return relax.VirtualMachine(codegen.build(state.mod, target), tvm.cpu()), kernels
+
+
+def _attention_mask(kind: str, n: int, past: int, rng) -> np.ndarray:
+    t = past + n
+    if kind == "causal":
+        mask = np.arange(t)[None, :] <= np.arange(n)[:, None] + past
+    elif kind == "random":
+        mask = rng.random((n, t)) > 0.5
+    else:  # row 0 sees nothing, the others the first 5 keys
+        mask = np.zeros((n, t), bool)
+        mask[1:, :5] = True
+    return mask[None, None]
+
+
+def _attention_reference(q, k, v, mask):
+    s = q @ np.repeat(k, 2, axis=1).transpose(0, 1, 3, 2)
+    s = np.where(mask, s, np.float32(-3.4028234663852886e38))
+    e = np.exp(s - s.max(-1, keepdims=True))
+    return (e / e.sum(-1, keepdims=True)) @ np.repeat(v, 2, axis=1)
+
+
+def _check_attention(vm, n: int, past: int, kind: str, rng) -> None:
+    t = past + n
+    q = rng.standard_normal((1, 4, n, 16), "float32")
+    k, v = rng.standard_normal((2, 1, 2, t, 16), "float32")
+    mask = _attention_mask(kind, n, past, rng)
+    got = vm["main"](*[tvm.runtime.tensor(x) for x in (q, k, v, mask)]).numpy()
+    np.testing.assert_allclose(got, _attention_reference(q, k, v, mask), rtol=1e-4, atol=1e-5,
+                               err_msg=f"n={n} past={past} {kind}")
+
+
+def test_fused_attention_equals_numpy():
+    """Causal, with a past, random masks, rows masked everywhere, lengths off the blocks:
+    the compiled prefill attention equals the unfused computation in numpy."""
+    vm, kernels = _compiled_attention()
+    assert kernels == ["attention_4x2x16"]
     rng = np.random.default_rng(0)
-
-    def reference(q, k, v, mask):
-        s = q @ np.repeat(k, 2, axis=1).transpose(0, 1, 3, 2)
-        s = np.where(mask, s, np.float32(-3.4028234663852886e38))
-        e = np.exp(s - s.max(-1, keepdims=True))
-        return (e / e.sum(-1, keepdims=True)) @ np.repeat(v, 2, axis=1)
-
     for n, past, kind in [(70, 0, "causal"), (5, 61, "causal"), (9, 3, "random"),
                           (1, 130, "causal"), (6, 17, "empty rows")]:
-        t = past + n
-        q = rng.standard_normal((1, 4, n, 16), "float32")
-        k, v = rng.standard_normal((2, 1, 2, t, 16), "float32")
-        if kind == "causal":
-            mask = np.arange(t)[None, :] <= np.arange(n)[:, None] + past
-        elif kind == "random":
-            mask = rng.random((n, t)) > 0.5
-        else:
-            mask = np.zeros((n, t), bool)
-            mask[3:, :5] = True
-        mask = mask[None, None]
-        got = vm["main"](*[tvm.runtime.tensor(x) for x in (q, k, v, mask)]).numpy()
-        np.testing.assert_allclose(got, reference(q, k, v, mask), rtol=1e-4, atol=1e-5,
-                                   err_msg=f"n={n} past={past} {kind}")
+        _check_attention(vm, n, past, kind, rng)
+
+
+@pytest.mark.parametrize("queries", [1, 3])
+def test_decode_attention_equals_numpy(queries):
+    """A static handful of query rows (a decode step; 3: a short draft) gets the decode
+    kernel, which equals numpy over cache lengths on and off its 16-key blocks, random masks
+    and rows masked everywhere."""
+    vm, kernels = _compiled_attention(queries)
+    assert kernels == [f"decode_attention_4x2x16x{queries}"]
+    rng = np.random.default_rng(1)
+    for past, kind in [(0, "causal"), (15, "causal"), (16, "random"), (129, "causal"),
+                       (40, "random"), (6, "empty rows")]:
+        _check_attention(vm, queries, past, kind, rng)

@@ -1,19 +1,27 @@
-"""Masked attention over a symbolic number of queries and keys (prefill), in one kernel.
+"""Masked attention in one kernel: `attention_func` for many query rows (prefill, or a
+whole sequence), `decode_attention_func` for a static few (a decode step).
 
     out[b, h] = softmax(where(mask[b, h], q[b, h] @ k[b, h // R]^T, -inf)) @ v[b, h // R]
 
-Written scheduled, flash-attention style. The keys are first copied transposed and zero-padded
-to whole blocks ([B, Hkv, D, T']: a vector of keys per head-dim element, so the score product is
-vector FMAs). Then each task takes one head and every SPREAD-th group of ROWS query rows (early
-and late rows of a causal mask alike) and walks the keys in blocks of KEYS, keeping per row a
-running maximum, sum and weighted sum of values (online softmax) in registers: the [queries,
-keys] scores are never stored. A block whose mask is false for all the rows is skipped (half
-of them for a causal mask). Values are read in place, R query heads sharing a key/value head
-(grouped-query attention without transformers' repeat_kv copies). A row whose mask is false
-everywhere gets the mean of the values, as softmax over equal scores does. exp is the fast
-approximation softmax uses elsewhere. `rewrites/fused_attention.py` routes attention here.
-Measured on SmolLM2's 256-token prefill (9 heads over 3): about 1.1 ms a layer, against about
-2.3 ms for the separate scores product, softmax, context product and repeat_kv copies.
+`attention_func` is written scheduled, flash-attention style. The keys are first copied
+transposed and zero-padded to whole blocks ([B, Hkv, D, T']: a vector of keys per head-dim
+element, so the score product is vector FMAs). Then each task takes one head and every SPREAD-th
+group of ROWS query rows (early and late rows of a causal mask alike) and walks the keys in
+blocks of KEYS, keeping per row a running maximum, sum and weighted sum of values (online
+softmax) in registers: the [queries, keys] scores are never stored. A block whose mask is false
+for all the rows is skipped (half of them for a causal mask). Values are read in place, R query
+heads sharing a key/value head (grouped-query attention without transformers' repeat_kv
+copies). A row whose mask is false everywhere gets the mean of the values, as softmax over
+equal scores does. exp is the fast approximation softmax uses elsewhere. Measured on SmolLM2's
+256-token prefill (9 heads over 3): about 1.1 ms a layer, against about 2.3 ms for the separate
+scores product, softmax, context product and repeat_kv copies.
+
+`decode_attention_func` has one task per key/value head, holding the query rows of all R
+heads that share it: the cache is read once per step, in place (scores as dot products, no
+transposed copy). Measured on SmolLM2's decode step (past 128): one kernel of about 10 us a
+layer, against about 55 us for the grouped scores and context products, mask and softmax.
+
+`rewrites/fused_attention.py` routes attention to both.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ LANES = 16       # float32 per AVX-512 register
 KEYS = 4 * LANES  # keys per block
 ROWS = 4         # query rows at a time (their running sums stay in registers)
 SPREAD = 8       # tasks per head (each allocates its scratch once)
+UNROLL = 4       # keys per step of the unrolled value product
 LOWEST = -3.4028234663852886e38
 
 
@@ -35,6 +44,14 @@ def _over_vectors(op, buffer, row, count):
     total = buffer[row, tirx.Ramp(0, 1, LANES)]
     for i in range(1, count):
         total = op(total, buffer[row, tirx.Ramp(i * LANES, 1, LANES)])
+    return total
+
+
+def _any_of(vectors):
+    """The lane-wise maximum of int vectors."""
+    total = vectors[0]
+    for vector in vectors[1:]:
+        total = tirx.Max(total, vector)
     return total
 
 
@@ -101,10 +118,16 @@ def attention_func(heads: int, kv_heads: int, dim: int) -> tirx.PrimFunc:
                         base = block * keys
                         width = T.min(keys, t - base)
                         live[0] = 0
-                        for r in range(T.min(rows_per_task, n - row0)):
-                            for c in range(width):
-                                live[0] = live[0] + T.Cast("int32",
-                                                           mask[mb, mh, row0 + r, base + c])
+                        if width == keys:  # a whole block: its mask vectors or-ed
+                            live[0] = _across_lanes(tirx.Max, _any_of(
+                                [T.Cast(f"int32x{vec}", mask[mb, mh, T.min(row0 + r, n - 1),
+                                                               T.ramp(base + kv * vec, 1, vec)])
+                                 for r in range(rows_per_task) for kv in range(key_vectors)]))
+                        else:
+                            for r in range(T.min(rows_per_task, n - row0)):
+                                for c in range(width):
+                                    live[0] = live[0] + T.Cast("int32",
+                                                               mask[mb, mh, row0 + r, base + c])
                         if live[0] > 0:
                             for r in T.unroll(rows_per_task):
                                 for kv in T.unroll(key_vectors):
@@ -155,13 +178,24 @@ def attention_func(heads: int, kv_heads: int, dim: int) -> tirx.PrimFunc:
                                     for kv in T.unroll(key_vectors):
                                         prob[r, T.ramp(kv * vec, 1, vec)] = \
                                             T.broadcast(T.float32(0), vec)
-                            for c in range(width):
-                                for r in T.unroll(rows_per_task):
-                                    for dv in T.unroll(dim_vectors):
-                                        acc[r, T.ramp(dv * vec, 1, vec)] = \
-                                            acc[r, T.ramp(dv * vec, 1, vec)] + \
-                                            T.broadcast(prob[r, c], vec) * \
-                                            v[b, g, base + c, T.ramp(dv * vec, 1, vec)]
+                            if width == keys:
+                                for c0 in range(keys // UNROLL):
+                                    for c1 in T.unroll(UNROLL):
+                                        for r in T.unroll(rows_per_task):
+                                            for dv in T.unroll(dim_vectors):
+                                                acc[r, T.ramp(dv * vec, 1, vec)] = \
+                                                    acc[r, T.ramp(dv * vec, 1, vec)] + \
+                                                    T.broadcast(prob[r, c0 * UNROLL + c1], vec) * \
+                                                    v[b, g, base + c0 * UNROLL + c1,
+                                                      T.ramp(dv * vec, 1, vec)]
+                            else:
+                                for c in range(width):
+                                    for r in T.unroll(rows_per_task):
+                                        for dv in T.unroll(dim_vectors):
+                                            acc[r, T.ramp(dv * vec, 1, vec)] = \
+                                                acc[r, T.ramp(dv * vec, 1, vec)] + \
+                                                T.broadcast(prob[r, c], vec) * \
+                                                v[b, g, base + c, T.ramp(dv * vec, 1, vec)]
                     for r in T.unroll(rows_per_task):
                         if row0 + r >= n:
                             pass
@@ -185,3 +219,102 @@ def attention_func(heads: int, kv_heads: int, dim: int) -> tirx.PrimFunc:
                                     T.broadcast(T.float32(1) / T.Cast("float32", t), vec)
 
     return attention
+
+
+def _dot(q, q_index, k, k_index, dim: int):
+    """sum over d of q[*q_index, d] * k[*k_index, d], as vectors then across lanes."""
+    total = None
+    for dv in range(dim // LANES):
+        lanes = tirx.Ramp(dv * LANES, 1, LANES)
+        term = q[(*q_index, lanes)] * k[(*k_index, lanes)]
+        total = term if total is None else total + term
+    return _across_lanes(tirx.Add, total)
+
+
+def decode_attention_func(heads: int, kv_heads: int, dim: int, queries: int) -> tirx.PrimFunc:
+    """The kernel for a few (`queries`, static) query rows per head, as in a decode step; batch
+    and key counts and the mask's broadcast dims are symbolic.
+
+    A task is one key/value head with every query row of the R query heads that share it: the
+    keys and values are read once per step. Scores are dot products (the cache is read in
+    place, untransposed), kept in a scratch row per query row; then their exact softmax and the
+    weighted sum of values, VEC keys at a time."""
+    vec, group = LANES, heads // kv_heads
+    rows, dim_vectors = group * queries, dim // LANES
+
+    @T.prim_func(private=True, s_tir=True)
+    def decode_attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.handle,
+                         var_out: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True, "op_pattern": 8,
+                     "graft.schedule_rule": "DecodeAttention"})
+        batch, t, mask_batch, mask_heads = T.int64(), T.int64(), T.int64(), T.int64()
+        q = T.match_buffer(var_q, (batch, heads, queries, dim), "float32")
+        k = T.match_buffer(var_k, (batch, kv_heads, t, dim), "float32")
+        v = T.match_buffer(var_v, (batch, kv_heads, t, dim), "float32")
+        mask = T.match_buffer(var_mask, (mask_batch, mask_heads, queries, t), "bool")
+        out = T.match_buffer(var_out, (batch, heads, queries, dim), "float32")
+        with T.sblock("root"):
+            scores = T.alloc_buffer((batch * kv_heads, rows, (t + vec - 1) // vec * vec),
+                                    "float32")
+            for task in T.parallel(batch * kv_heads):
+                b = task // kv_heads
+                g = task % kv_heads
+                mb = T.min(b, mask_batch - 1)
+                top = T.decl_buffer((rows,), "float32", scope="local")
+                total = T.decl_buffer((rows, vec), "float32", scope="local")
+                prob = T.decl_buffer((rows, vec), "float32", scope="local")
+                acc = T.decl_buffer((rows, dim), "float32", scope="local")
+                for r in T.unroll(rows):
+                    top[r] = T.float32(LOWEST)
+                    total[r, T.ramp(0, 1, vec)] = T.broadcast(T.float32(0), vec)
+                    for dv in T.unroll(dim_vectors):
+                        acc[r, T.ramp(dv * vec, 1, vec)] = T.broadcast(T.float32(0), vec)
+                for c in range(t):  # scores, masked, and each row's maximum
+                    for r in T.unroll(rows):
+                        scores[task, r, c] = T.Select(
+                            mask[mb, T.min(g * group + r // queries, mask_heads - 1),
+                                 r % queries, c],
+                            _dot(q, (b, g * group + r // queries, r % queries), k, (b, g, c),
+                                 dim), T.float32(LOWEST))
+                        top[r] = T.max(top[r], scores[task, r, c])
+                for c in range((t + vec - 1) // vec * vec - t):
+                    for r in T.unroll(rows):
+                        scores[task, r, t + c] = T.float32(LOWEST)
+                for block in range((t + vec - 1) // vec):  # weights, their sum, the values
+                    for r in T.unroll(rows):
+                        prob[r, T.ramp(0, 1, vec)] = T.Select(
+                            scores[task, r, T.ramp(block * vec, 1, vec)] >
+                            T.broadcast(T.float32(LOWEST), vec),
+                            fast_exp(scores[task, r, T.ramp(block * vec, 1, vec)] -
+                                     T.broadcast(top[r], vec)),
+                            T.broadcast(T.float32(0), vec))
+                        total[r, T.ramp(0, 1, vec)] = total[r, T.ramp(0, 1, vec)] + \
+                            prob[r, T.ramp(0, 1, vec)]
+                    for c in range(T.min(vec, t - block * vec)):
+                        for r in T.unroll(rows):
+                            for dv in T.unroll(dim_vectors):
+                                acc[r, T.ramp(dv * vec, 1, vec)] = \
+                                    acc[r, T.ramp(dv * vec, 1, vec)] + \
+                                    T.broadcast(prob[r, c], vec) * \
+                                    v[b, g, block * vec + c, T.ramp(dv * vec, 1, vec)]
+                for r in T.unroll(rows):
+                    top[r] = _across_lanes(tirx.Add, total[r, T.ramp(0, 1, vec)])
+                    if top[r] > T.float32(0):
+                        for dv in T.unroll(dim_vectors):
+                            out[b, g * group + r // queries, r % queries,
+                                T.ramp(dv * vec, 1, vec)] = acc[r, T.ramp(dv * vec, 1, vec)] * \
+                                T.broadcast(T.float32(1) / top[r], vec)
+                    else:  # masked everywhere: softmax of equal scores, the mean of v
+                        for dv in T.unroll(dim_vectors):
+                            acc[r, T.ramp(dv * vec, 1, vec)] = T.broadcast(T.float32(0), vec)
+                        for c in range(t):
+                            for dv in T.unroll(dim_vectors):
+                                acc[r, T.ramp(dv * vec, 1, vec)] = \
+                                    acc[r, T.ramp(dv * vec, 1, vec)] + \
+                                    v[b, g, c, T.ramp(dv * vec, 1, vec)]
+                        for dv in T.unroll(dim_vectors):
+                            out[b, g * group + r // queries, r % queries,
+                                T.ramp(dv * vec, 1, vec)] = acc[r, T.ramp(dv * vec, 1, vec)] * \
+                                T.broadcast(T.float32(1) / T.Cast("float32", t), vec)
+
+    return decode_attention

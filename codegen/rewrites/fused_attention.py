@@ -1,15 +1,16 @@
-"""FusedAttention: masked attention over a symbolic number of queries runs as one kernel.
+"""FusedAttention: masked attention runs as one kernel.
 
     out = matmul(softmax(where(mask, matmul(q, permute_dims(repeat(k), [0, 1, 3, 2])), lowest)),
                  repeat(v))
       -> out = call_tir(attention, (q, k, v, mask))
 
 The pattern is `graft.ir.attention.ATTENTION` (`repeat` is transformers' repeat_kv, or
-nothing); `lowest` is a constant no greater than -1e30 (masked scores weigh nothing). The kernel
-(`codegen/cpu/attention.py`) never stores the scores, skips key blocks the mask hides from all
-of a task's rows, and reads each key/value head in place for its query heads. Only for a
-symbolic number of queries (prefill; a decode step's one row keeps GroupedQueryAttention's
-products) and float32. CPU only.
+nothing); `lowest` is a constant no greater than -1e30 (masked scores weigh nothing). The
+kernels (`codegen/cpu/attention.py`) never store the scores of a whole sequence and read each
+key/value head in place for its query heads: a symbolic or large number of queries (prefill,
+an encoder) gets the flash-style kernel, which also skips key blocks the mask hides from all of
+a task's rows; a static few (below MIN_QUERIES: a decode step) get the decode kernel, one task
+per key/value head. float32, CPU only. GroupedQueryAttention handles what is left.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from __future__ import annotations
 import tvm
 from tvm import relax, tirx
 
-from graft.codegen.cpu.attention import LANES, attention_func
+from graft.codegen.cpu.attention import LANES, attention_func, decode_attention_func
 from graft.codegen.rewrites import mutate_relax_functions, provably_equal, shape_dims
 from graft.ir.attention import ATTENTION, is_key_transpose, kv_source, mask, masked, query
 
 LOWEST_MASK_FILL = -1e30
+MIN_QUERIES = 8  # fewer (static) query rows: the decode kernel
+MAX_DECODE_ROWS = 16  # query rows per key/value head the decode kernel holds in registers
 
 
 def _attention_shapes(call: relax.Call, matches: dict):
@@ -36,8 +39,11 @@ def _attention_shapes(call: relax.Call, matches: dict):
         return None
     (b, heads, n, dim), (kb, kv_heads, t, kdim), vdims, mdims = dims
     if not (isinstance(heads, tirx.IntImm) and isinstance(kv_heads, tirx.IntImm)
-            and isinstance(dim, tirx.IntImm)) or isinstance(n, tirx.IntImm):
-        return None  # a static number of queries (a decode step) keeps the products
+            and isinstance(dim, tirx.IntImm)):
+        return None
+    if isinstance(n, tirx.IntImm) and int(n) < MIN_QUERIES and \
+            int(n) * int(heads) // int(kv_heads) > MAX_DECODE_ROWS:
+        return None
     if int(heads) != int(kv_heads) * k_count or int(dim) % LANES:
         return None
     # v's length may be a symbol of its own (transformers' export gives the past keys and
@@ -68,10 +74,17 @@ class _Attention(relax.PyExprMutator):
         super().__init__(mod)
         self.kernels: dict = {}
         self.bindings: dict = {}
+        self.var_of: dict = {}
 
     def visit_function_(self, func: relax.Function):
         self.bindings = relax.analysis.get_var2val(func)
+        self.var_of = {value: var for var, value in self.bindings.items()}
         return super().visit_function_(func)
+
+    def operand(self, matched: relax.Expr) -> relax.Expr:
+        """A matched tensor as the variable bound to it (matches are the bound values: passed
+        as they are, the call would compute them a second time)."""
+        return self.visit_expr(self.var_of.get(matched, matched))
 
     def visit_call_(self, call: relax.Call):
         call = super().visit_call_(call)
@@ -82,11 +95,17 @@ class _Attention(relax.PyExprMutator):
         if found is None:
             return call
         q, k, v, heads, kv_heads, dim = found
-        if (heads, kv_heads, dim) not in self.kernels:
-            self.kernels[heads, kv_heads, dim] = self.builder_.add_func(
-                attention_func(heads, kv_heads, dim), f"attention_{heads}x{kv_heads}x{dim}")
         b, _, n, _ = shape_dims(q)
-        return relax.call_tir(self.kernels[heads, kv_heads, dim], [q, k, v, matches[mask]],
+        queries = int(n) if isinstance(n, tirx.IntImm) and int(n) < MIN_QUERIES else None
+        key = (heads, kv_heads, dim, queries)
+        if key not in self.kernels:
+            self.kernels[key] = self.builder_.add_func(
+                attention_func(heads, kv_heads, dim) if queries is None else
+                decode_attention_func(heads, kv_heads, dim, queries),
+                f"attention_{heads}x{kv_heads}x{dim}" if queries is None else
+                f"decode_attention_{heads}x{kv_heads}x{dim}x{queries}")
+        operands = [self.operand(x) for x in (q, k, v, matches[mask])]
+        return relax.call_tir(self.kernels[key], operands,
                               relax.TensorType([b, heads, n, dim], "float32"))
 
 
