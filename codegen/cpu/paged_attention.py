@@ -22,23 +22,13 @@ import math
 from tvm import tirx
 from tvm.script import tirx as T
 
-from graft.codegen.cpu.attention import _across_lanes
+from graft.codegen.cpu.attention import _across_lanes, _dot
 from graft.codegen.cpu.softmax import fast_exp
 
 LANES = 16
 LOG2E = math.log2(math.e)
 EMPTY = -5e4  # TVM's lse for a row with no keys
 SPREAD = 8
-
-
-def _dot(q, q_index, k, k_index, dim: int):
-    """sum over d of q[*q_index, d] * k[*k_index, d], as vectors then across lanes."""
-    total = None
-    for dv in range(dim // LANES):
-        lanes = tirx.Ramp(dv * LANES, 1, LANES)
-        term = q[(*q_index, lanes)] * k[(*k_index, lanes)]
-        total = term if total is None else total + term
-    return _across_lanes(tirx.Add, total)
 
 
 def _online_softmax(vec: int, dvs: int):
