@@ -66,11 +66,31 @@ def _across_lanes(op, vector):
     return vector
 
 
+def _mean_of_values(vec: int, dim_vectors: int):
+    """out[b, head, row] = the mean of v[b, g, :t] (accumulated in acc[r]): what softmax gives
+    a row whose scores are all masked (equal)."""
+
+    @T.macro
+    def write_mean(acc, r, v, b, g, t, out, head, row):
+        for dv in T.unroll(dim_vectors):
+            acc[r, T.ramp(dv * vec, 1, vec)] = T.broadcast(T.float32(0), vec)
+        for c in range(t):
+            for dv in T.unroll(dim_vectors):
+                acc[r, T.ramp(dv * vec, 1, vec)] = acc[r, T.ramp(dv * vec, 1, vec)] + \
+                    v[b, g, c, T.ramp(dv * vec, 1, vec)]
+        for dv in T.unroll(dim_vectors):
+            out[b, head, row, T.ramp(dv * vec, 1, vec)] = acc[r, T.ramp(dv * vec, 1, vec)] * \
+                T.broadcast(T.float32(1) / T.Cast("float32", t), vec)
+
+    return write_mean
+
+
 def attention_func(heads: int, kv_heads: int, dim: int) -> tirx.PrimFunc:
     """The kernel for `heads` query heads over `kv_heads` key/value heads of `dim` elements;
     batch, query and key counts and the mask's broadcast dims are symbolic."""
     vec, keys, rows_per_task, spread, group = LANES, KEYS, ROWS, SPREAD, heads // kv_heads
     key_vectors, dim_vectors = KEYS // LANES, dim // LANES
+    write_mean = _mean_of_values(vec, dim_vectors)
 
     @T.prim_func(private=True, s_tir=True)  # in a root block, as Relax's passes expect
     def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.handle,
@@ -206,17 +226,7 @@ def attention_func(heads: int, kv_heads: int, dim: int) -> tirx.PrimFunc:
                                     acc[r, T.ramp(dv * vec, 1, vec)] * \
                                     T.broadcast(scalar[r, 0], vec)
                         else:  # masked everywhere: softmax of equal scores, the mean of v
-                            for dv in T.unroll(dim_vectors):
-                                acc[r, T.ramp(dv * vec, 1, vec)] = T.broadcast(T.float32(0), vec)
-                            for c in range(t):
-                                for dv in T.unroll(dim_vectors):
-                                    acc[r, T.ramp(dv * vec, 1, vec)] = \
-                                        acc[r, T.ramp(dv * vec, 1, vec)] + \
-                                        v[b, g, c, T.ramp(dv * vec, 1, vec)]
-                            for dv in T.unroll(dim_vectors):
-                                out[b, h, row0 + r, T.ramp(dv * vec, 1, vec)] = \
-                                    acc[r, T.ramp(dv * vec, 1, vec)] * \
-                                    T.broadcast(T.float32(1) / T.Cast("float32", t), vec)
+                            write_mean(acc, r, v, b, g, t, out, h, row0 + r)
 
     return attention
 
@@ -241,6 +251,7 @@ def decode_attention_func(heads: int, kv_heads: int, dim: int, queries: int) -> 
     weighted sum of values, VEC keys at a time."""
     vec, group = LANES, heads // kv_heads
     rows, dim_vectors = group * queries, dim // LANES
+    write_mean = _mean_of_values(vec, dim_vectors)
 
     @T.prim_func(private=True, s_tir=True)
     def decode_attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_mask: T.handle,
@@ -305,16 +316,6 @@ def decode_attention_func(heads: int, kv_heads: int, dim: int, queries: int) -> 
                                 T.ramp(dv * vec, 1, vec)] = acc[r, T.ramp(dv * vec, 1, vec)] * \
                                 T.broadcast(T.float32(1) / top[r], vec)
                     else:  # masked everywhere: softmax of equal scores, the mean of v
-                        for dv in T.unroll(dim_vectors):
-                            acc[r, T.ramp(dv * vec, 1, vec)] = T.broadcast(T.float32(0), vec)
-                        for c in range(t):
-                            for dv in T.unroll(dim_vectors):
-                                acc[r, T.ramp(dv * vec, 1, vec)] = \
-                                    acc[r, T.ramp(dv * vec, 1, vec)] + \
-                                    v[b, g, c, T.ramp(dv * vec, 1, vec)]
-                        for dv in T.unroll(dim_vectors):
-                            out[b, g * group + r // queries, r % queries,
-                                T.ramp(dv * vec, 1, vec)] = acc[r, T.ramp(dv * vec, 1, vec)] * \
-                                T.broadcast(T.float32(1) / T.Cast("float32", t), vec)
+                        write_mean(acc, r, v, b, g, t, out, g * group + r // queries, r % queries)
 
     return decode_attention
