@@ -22,6 +22,14 @@ RNG = np.random.default_rng(0)
 def _lower_and_run(build_fn, arrays, expect_rules):
     """build_fn(bb, vars) -> output expr; arrays: numpy inputs, whose shapes may be symbolic
     in the module (a dim given as a str becomes a symbolic var of that name)."""
+    mod = _lower(build_fn, arrays, expect_rules)
+    vm = relax.VirtualMachine(codegen.build(mod, TARGET), tvm.cpu())
+    result = vm["main"](*[tvm.runtime.tensor(a) for _, a in arrays])
+    return result.numpy()
+
+
+def _lower(build_fn, arrays, expect_rules) -> tvm.IRModule:
+    """The module of `_lower_and_run`, lowered and scheduled."""
     bb = relax.BlockBuilder()
     params, sym = [], {}
     for i, (shape, array) in enumerate(arrays):
@@ -37,9 +45,7 @@ def _lower_and_run(build_fn, arrays, expect_rules):
     report = next(r["did"] for r in records if r["pass"] == "schedule")
     assert report["rules"] == expect_rules, report
     assert not report["rule_failures"], report
-    vm = relax.VirtualMachine(codegen.build(state.mod, TARGET), tvm.cpu())
-    result = vm["main"](*[tvm.runtime.tensor(a) for _, a in arrays])
-    return result.numpy()
+    return state.mod
 
 
 def _rand(*shape, dtype="float32"):
@@ -88,6 +94,40 @@ def test_matmul_batched_rows_symbolic(batch, seq):
     out = _lower_and_run(lambda bb, v: relax.op.matmul(v[0], v[1]),
                          [(("b", "s", 64), a), ((64, 48), w)], {"Matmul": 1})
     np.testing.assert_allclose(out, a @ w, rtol=1e-4, atol=1e-4)
+
+
+def _global_buffers(func: tvm.tirx.PrimFunc) -> list[str]:
+    """The global buffers a scheduled PrimFunc allocates, as printed."""
+    return [line.strip() for line in func.script().splitlines()
+            if "T.sblock_alloc_buffer(" in line and "scope=" not in line]
+
+
+@pytest.mark.parametrize("shape", [(8, 128), (3, 100), ("b", "s")])
+def test_matmul_epilogue_runs_in_the_register_tile_for_rows_of_two_axes(shape):
+    """x[b, s, k] @ W + bias, GELU, a residual, and a slice of x itself: with rows from two
+    axes (a tile may straddle two b at s = 100), the epilogue is still computed on the tile
+    in registers; no buffer of the product's size is written in between."""
+    batch, seq, k, n = 3, 100, 64, 160
+    if isinstance(shape[0], int):
+        batch, seq = shape
+    x, w, bias, res = _rand(batch, seq, k), _rand(k, n), _rand(n), _rand(batch, seq, n)
+
+    def graph(bb, v):
+        y = bb.emit(relax.op.nn.gelu(relax.op.add(relax.op.matmul(v[0], v[1]), v[2])))
+        y = bb.emit(relax.op.add(y, v[3]))
+        return relax.op.add(y, relax.op.strided_slice(v[0], axes=[2], begin=[0], end=[1]))
+
+    arrays = [((*shape, k), x), ((k, n), w), ((n,), bias), ((*shape, n), res)]
+    mod = _lower(graph, arrays, {"Matmul": 1})
+    kernel = next(f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc) and
+                  f.attrs.get("graft.schedule_rule") == "Matmul")
+    assert not [b for b in _global_buffers(kernel) if b.endswith(f"T.int64({n})))")], \
+        _global_buffers(kernel)
+    vm = relax.VirtualMachine(codegen.build(mod, TARGET), tvm.cpu())
+    out = vm["main"](*[tvm.runtime.tensor(a) for _, a in arrays]).numpy()
+    y = x @ w + bias
+    ref = 0.5 * y * (1 + np.vectorize(math.erf)(y / math.sqrt(2))) + res + x[..., :1]
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_attention_batched_matmuls():

@@ -160,14 +160,23 @@ def write_back_with_epilogue(sch: s_tir.Schedule, main, at, fuse_epilogue: bool 
     sch.reverse_compute_at(registers, at, preserve_unit_loops=True)
     if not (fuse_epilogue and sch.get_consumers(registers)):
         return registers
-    inline_epilogue(sch, registers)
-    try:
-        sch.compute_inline(registers)
-        final = transitive_consumers(sch, main)[-1]
-        sch.reverse_compute_at(final, at, preserve_unit_loops=True)
-        return final
+    try:  # on a copy first: a failure half-way would leave the write-back inlined
+        _fuse_into_write_back(sch.copy(), main, registers, at)
     except Exception:  # noqa: BLE001 - keep the write-back; the epilogue follows it
         return registers
+    return _fuse_into_write_back(sch, main, registers, at)
+
+
+def _fuse_into_write_back(sch: s_tir.Schedule, main, registers, at):
+    inline_epilogue(sch, registers)
+    sch.compute_inline(registers)
+    final = transitive_consumers(sch, main)[-1]
+    # the epilogue's other element-wise inputs (a slice of an operand, say) are computed in it
+    for producer in sch.get_producers(final):
+        if not sch.get(producer).same_as(sch.get(main)):
+            sch.compute_inline(producer)
+    sch.reverse_compute_at(final, at, preserve_unit_loops=True)
+    return final
 
 
 def loop_of_reduction(sch: s_tir.Schedule, block):

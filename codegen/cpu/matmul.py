@@ -117,8 +117,8 @@ class Matmul(common.CPURule):
         if tile_level is None:  # the K-blocked tile accumulates at the innermost outer loop
             tile_level = tasks if parallel == len(outer) else outer[-1]
 
-        final = common.write_back_with_epilogue(sch, main, tile_level,
-                                                self.one_row_and_column_axis(axes))
+        fuse_epilogue = self.one_row_and_column_axis(axes) or flatten_epilogue(sch, main)
+        final = common.write_back_with_epilogue(sch, main, tile_level, fuse_epilogue)
         self.vectorize_tile(sch, final, lanes)
 
         sch.unroll(i_reg)
@@ -215,6 +215,30 @@ class Matmul(common.CPURule):
         common.vectorize_innermost(sch, block, lanes)
         if isinstance(common.extent(sch, row), int):
             sch.unroll(row)
+
+
+def flatten_epilogue(sch: s_tir.Schedule, main) -> bool:
+    """Give the block that consumes the product (its element-wise epilogue, inlined into one)
+    the product's iteration space, e.g. (b, s, n) -> (0, b * S + s, n) for an output
+    [B, S, N] of rows fused from (b, s). A register tile is then a rectangle of that block
+    too. Returns whether it was done."""
+    consumers = sch.get_consumers(main)
+    if len(consumers) != 1:
+        return False
+    final = sch.get(consumers[0])
+    product = sch.get(main).writes[0].source
+    regions = [r for r in final.reads if r.source.same_as(product)]
+    if len(regions) != 1 or any(not (isinstance(r.extent, tirx.IntImm) and r.extent.value == 1)
+                                for r in regions[0].region):
+        return False
+    block_vars = [iv.var for iv in final.iter_vars]
+    try:
+        sch.transform_block_layout(consumers[0], IndexMap(block_vars,
+                                                          [r.min for r in regions[0].region],
+                                                          None))
+    except Exception:  # noqa: BLE001 - not a bijection of the block's domain: keep it as it is
+        return False
+    return True
 
 
 def weight_panel_width(n: int, lanes: int) -> int | None:
