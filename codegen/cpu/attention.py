@@ -66,6 +66,32 @@ def _across_lanes(op, vector):
     return vector
 
 
+def _across_lanes_of_rows(op, vectors):
+    """op over the lanes of each of `vectors` (a power of two of them, each of LANES lanes),
+    as one vector holding row i's result in lane i: pairs of rows are first folded into one
+    vector, each row in half the lanes, so every step serves several rows."""
+    lanes = vectors[0].ty.dtype.lanes
+    rows, width = 1, lanes  # each vector holds `rows` rows of `width` lanes
+
+    def half(offset, second):  # the lanes of the first (second) half of each row
+        return [offset + i * width + j + (width // 2 if second else 0)
+                for i in range(rows) for j in range(width // 2)]
+
+    def shuffle(sources, indices):
+        return tirx.Shuffle(sources, [tirx.IntImm("int32", i) for i in indices])
+
+    while len(vectors) > 1:
+        vectors = [op(shuffle([a, b], half(0, False) + half(lanes, False)),
+                      shuffle([a, b], half(0, True) + half(lanes, True)))
+                   for a, b in zip(vectors[0::2], vectors[1::2])]
+        rows, width = rows * 2, width // 2
+    vector = vectors[0]
+    while width > 1:
+        vector = op(shuffle([vector], half(0, False)), shuffle([vector], half(0, True)))
+        width //= 2
+    return vector
+
+
 def _mean_of_values(vec: int, dim_vectors: int):
     """out[b, head, row] = the mean of v[b, g, :t] (accumulated in acc[r]): what softmax gives
     a row whose scores are all masked (equal)."""
@@ -118,11 +144,12 @@ def attention_func(heads: int, kv_heads: int, dim: int) -> tirx.PrimFunc:
                 mh = T.min(h, mask_heads - 1)
                 g = h // group
                 top = T.decl_buffer((rows_per_task,), "float32", scope="local")
-                total = T.decl_buffer((rows_per_task,), "float32", scope="local")
+                peak = T.decl_buffer((rows_per_task,), "float32", scope="local")
+                scale = T.decl_buffer((rows_per_task,), "float32", scope="local")
+                total = T.decl_buffer((rows_per_task, vec), "float32", scope="local")
                 acc = T.decl_buffer((rows_per_task, dim), "float32", scope="local")
                 score = T.decl_buffer((rows_per_task, keys), "float32", scope="local")
                 prob = T.decl_buffer((rows_per_task, keys), "float32", scope="local")
-                scalar = T.decl_buffer((rows_per_task, 4), "float32", scope="local")
                 live = T.decl_buffer((1,), "int32", scope="local")
                 # the task's row blocks: every `spread`-th, so that tasks get early (short) and
                 # late (long) rows of a causal mask alike
@@ -131,7 +158,7 @@ def attention_func(heads: int, kv_heads: int, dim: int) -> tirx.PrimFunc:
                     row0 = (task % spread + step * spread) * rows_per_task
                     for r in T.unroll(rows_per_task):
                         top[r] = T.float32(LOWEST)
-                        total[r] = T.float32(0)
+                        total[r, T.ramp(0, 1, vec)] = T.broadcast(T.float32(0), vec)
                         for dv in T.unroll(dim_vectors):
                             acc[r, T.ramp(dv * vec, 1, vec)] = T.broadcast(T.float32(0), vec)
                     for block in range((t + keys - 1) // keys):
@@ -175,29 +202,32 @@ def attention_func(heads: int, kv_heads: int, dim: int) -> tirx.PrimFunc:
                                             if mask[mb, mh, T.min(row0 + r, n - 1),
                                                     base + kv * vec + c]:
                                                 prob[r, kv * vec + c] = score[r, kv * vec + c]
+                            # the rows' new maxima (in one vector) and how much that scales
+                            # what they have summed so far; a row masked so far keeps LOWEST,
+                            # scale 1, and weights 0
+                            peak[T.ramp(0, 1, rows_per_task)] = T.max(
+                                top[T.ramp(0, 1, rows_per_task)], _across_lanes_of_rows(
+                                    T.max, [_over_vectors(T.max, prob, r, key_vectors)
+                                            for r in range(rows_per_task)]))
+                            scale[T.ramp(0, 1, rows_per_task)] = fast_exp(
+                                top[T.ramp(0, 1, rows_per_task)] -
+                                peak[T.ramp(0, 1, rows_per_task)])
+                            top[T.ramp(0, 1, rows_per_task)] = peak[T.ramp(0, 1, rows_per_task)]
                             for r in T.unroll(rows_per_task):
-                                scalar[r, 1] = T.max(top[r], _across_lanes(T.max, _over_vectors(
-                                    T.max, prob, r, key_vectors)))
-                                if scalar[r, 1] > T.float32(LOWEST):
-                                    scalar[r, 2] = fast_exp(top[r] - scalar[r, 1])
-                                    top[r] = scalar[r, 1]
-                                    for kv in T.unroll(key_vectors):
-                                        prob[r, T.ramp(kv * vec, 1, vec)] = T.Select(
-                                            prob[r, T.ramp(kv * vec, 1, vec)] >
-                                            T.broadcast(T.float32(LOWEST), vec),
-                                            fast_exp(prob[r, T.ramp(kv * vec, 1, vec)] -
-                                                     T.broadcast(scalar[r, 1], vec)),
-                                            T.broadcast(T.float32(0), vec))
-                                    total[r] = total[r] * scalar[r, 2] + _across_lanes(
-                                        tirx.Add, _over_vectors(tirx.Add, prob, r, key_vectors))
-                                    for dv in T.unroll(dim_vectors):
-                                        acc[r, T.ramp(dv * vec, 1, vec)] = \
-                                            acc[r, T.ramp(dv * vec, 1, vec)] * \
-                                            T.broadcast(scalar[r, 2], vec)
-                                else:
-                                    for kv in T.unroll(key_vectors):
-                                        prob[r, T.ramp(kv * vec, 1, vec)] = \
-                                            T.broadcast(T.float32(0), vec)
+                                for kv in T.unroll(key_vectors):
+                                    prob[r, T.ramp(kv * vec, 1, vec)] = T.Select(
+                                        prob[r, T.ramp(kv * vec, 1, vec)] >
+                                        T.broadcast(T.float32(LOWEST), vec),
+                                        fast_exp(prob[r, T.ramp(kv * vec, 1, vec)] -
+                                                 T.broadcast(top[r], vec)),
+                                        T.broadcast(T.float32(0), vec))
+                                total[r, T.ramp(0, 1, vec)] = \
+                                    total[r, T.ramp(0, 1, vec)] * T.broadcast(scale[r], vec) + \
+                                    _over_vectors(tirx.Add, prob, r, key_vectors)
+                                for dv in T.unroll(dim_vectors):
+                                    acc[r, T.ramp(dv * vec, 1, vec)] = \
+                                        acc[r, T.ramp(dv * vec, 1, vec)] * \
+                                        T.broadcast(scale[r], vec)
                             if width == keys:
                                 for c0 in range(keys // UNROLL):
                                     for c1 in T.unroll(UNROLL):
@@ -216,15 +246,16 @@ def attention_func(heads: int, kv_heads: int, dim: int) -> tirx.PrimFunc:
                                                 acc[r, T.ramp(dv * vec, 1, vec)] + \
                                                 T.broadcast(prob[r, c], vec) * \
                                                 v[b, g, base + c, T.ramp(dv * vec, 1, vec)]
+                    scale[T.ramp(0, 1, rows_per_task)] = _across_lanes_of_rows(
+                        tirx.Add, [total[r, T.ramp(0, 1, vec)] for r in range(rows_per_task)])
                     for r in T.unroll(rows_per_task):
                         if row0 + r >= n:
                             pass
-                        elif total[r] > T.float32(0):
-                            scalar[r, 0] = T.float32(1) / total[r]
+                        elif scale[r] > T.float32(0):  # the row's sum of weights
                             for dv in T.unroll(dim_vectors):
                                 out[b, h, row0 + r, T.ramp(dv * vec, 1, vec)] = \
                                     acc[r, T.ramp(dv * vec, 1, vec)] * \
-                                    T.broadcast(scalar[r, 0], vec)
+                                    T.broadcast(T.float32(1) / scale[r], vec)
                         else:  # masked everywhere: softmax of equal scores, the mean of v
                             write_mean(acc, r, v, b, g, t, out, h, row0 + r)
 
