@@ -167,7 +167,8 @@ class Matmul(common.CPURule):
     def one_row_and_column_axis(axes: dict) -> bool:
         """Whether a register tile maps to a rectangle of the output. With rows (or columns)
         from several axes, a tile may straddle two of them, and TVM's region analysis then gets
-        the tile's output region wrong: the epilogue then runs after the product instead."""
+        the tile's output region wrong; `flatten_epilogue` is tried then, and where it cannot be
+        done the epilogue runs after the product."""
         kinds = list(axes["kinds"].values())
         return kinds.count("I") == 1 and kinds.count("J") == 1
 
