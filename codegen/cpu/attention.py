@@ -57,13 +57,7 @@ def _any_of(vectors):
 
 def _across_lanes(op, vector):
     """op over the lanes of a vector, as a tree of halves (log2(lanes) steps)."""
-    lanes = vector.ty.dtype.lanes
-    while lanes > 1:
-        lanes //= 2
-        vector = op(tirx.Shuffle([vector], [tirx.IntImm("int32", i) for i in range(lanes)]),
-                    tirx.Shuffle([vector], [tirx.IntImm("int32", i)
-                                            for i in range(lanes, 2 * lanes)]))
-    return vector
+    return _across_lanes_of_rows(op, [vector])
 
 
 def _across_lanes_of_rows(op, vectors):
@@ -146,6 +140,7 @@ def attention_func(heads: int, kv_heads: int, dim: int) -> tirx.PrimFunc:
                 top = T.decl_buffer((rows_per_task,), "float32", scope="local")
                 peak = T.decl_buffer((rows_per_task,), "float32", scope="local")
                 scale = T.decl_buffer((rows_per_task,), "float32", scope="local")
+                sums = T.decl_buffer((rows_per_task,), "float32", scope="local")
                 total = T.decl_buffer((rows_per_task, vec), "float32", scope="local")
                 acc = T.decl_buffer((rows_per_task, dim), "float32", scope="local")
                 score = T.decl_buffer((rows_per_task, keys), "float32", scope="local")
@@ -246,16 +241,16 @@ def attention_func(heads: int, kv_heads: int, dim: int) -> tirx.PrimFunc:
                                                 acc[r, T.ramp(dv * vec, 1, vec)] + \
                                                 T.broadcast(prob[r, c], vec) * \
                                                 v[b, g, base + c, T.ramp(dv * vec, 1, vec)]
-                    scale[T.ramp(0, 1, rows_per_task)] = _across_lanes_of_rows(
+                    sums[T.ramp(0, 1, rows_per_task)] = _across_lanes_of_rows(
                         tirx.Add, [total[r, T.ramp(0, 1, vec)] for r in range(rows_per_task)])
                     for r in T.unroll(rows_per_task):
                         if row0 + r >= n:
                             pass
-                        elif scale[r] > T.float32(0):  # the row's sum of weights
+                        elif sums[r] > T.float32(0):
                             for dv in T.unroll(dim_vectors):
                                 out[b, h, row0 + r, T.ramp(dv * vec, 1, vec)] = \
                                     acc[r, T.ramp(dv * vec, 1, vec)] * \
-                                    T.broadcast(T.float32(1) / scale[r], vec)
+                                    T.broadcast(T.float32(1) / sums[r], vec)
                         else:  # masked everywhere: softmax of equal scores, the mean of v
                             write_mean(acc, r, v, b, g, t, out, h, row0 + r)
 
