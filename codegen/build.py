@@ -26,6 +26,7 @@ from graft.codegen.rewrites.symbolic_softmax import SymbolicSoftmax
 from graft.codegen.rewrites.matmul_broadcast import MatmulBroadcastWeight
 from graft.codegen.rewrites.prepack_weights import PrepackWeights
 from graft.codegen.schedule import ScheduleKernels
+from graft.codegen.stack_scratch import TIR_PIPELINE
 from graft.codegen.tune import TuneKernels
 from graft.passes.pipeline import Entry, entry
 from graft.runtime.errors import BuildError, GraftError
@@ -137,7 +138,8 @@ def build(mod: tvm.IRModule, target: tvm.target.Target):
     """Generate code for a lowered, scheduled module. Returns a relax VM executable."""
     try:
         with target:
-            return tvm.compile(mod, target=target, relax_pipeline=_finalize_pipeline(target))
+            return tvm.compile(mod, target=target, relax_pipeline=_finalize_pipeline(target),
+                               tir_pipeline=TIR_PIPELINE)
     except Exception as err:
         text = str(err).strip().splitlines()
         raise BuildError(f"TVM could not build the module for {target.kind.name}: "

@@ -27,6 +27,7 @@ from tvm import tirx
 
 from graft import progress
 from graft.codegen.schedule import apply_rules
+from graft.codegen.stack_scratch import TIR_PIPELINE
 from graft.passes.pipeline import CompileState, GraftPass
 from graft.runtime.errors import BuildError, GraftError
 
@@ -137,7 +138,7 @@ def _measure(func: tirx.PrimFunc, target) -> float:
     """Seconds per call of a scheduled kernel, on random inputs."""
     try:
         with target:
-            lib = tvm.compile(_workload(func), target)
+            lib = tvm.compile(_workload(func), target, tir_pipeline=TIR_PIPELINE)
     except Exception as err:  # noqa: BLE001
         raise BuildError(f"tune: graft's schedule did not build: {err}") from err
     rng = np.random.default_rng(0)
