@@ -210,6 +210,22 @@ def test_elementwise_transpose_broadcast_symbolic():
     np.testing.assert_allclose(out, x.transpose(0, 2, 1, 3) * y[None], rtol=1e-6)
 
 
+def test_stack_of_symbolic_length_is_parallel_over_its_static_axes():
+    """SmolLM2's new KV caches stacked, [30 layers, 1, 3 heads, t, 64] with t symbolic: the
+    parallel loop is (layers, 1, heads), static; t stays a serial loop inside it (fused into the
+    parallel loop, every vector recovered its indices by divisions by run-time values)."""
+    parts = [_rand(1, 3, 45, 64) for _ in range(30)]
+
+    mod = _lower(lambda bb, v: relax.op.stack(v, axis=0),
+                 [((1, 3, "t", 64), p) for p in parts], {"Elementwise": 1})
+    kernel = next(f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc))
+    parallel = [line.strip() for line in kernel.script().splitlines() if "T.parallel(" in line]
+    assert parallel == ["for ax0_ax1_ax2_fused in T.parallel(T.int64(90)):"], parallel
+    vm = relax.VirtualMachine(codegen.build(mod, TARGET), tvm.cpu())
+    out = vm["main"](*[tvm.runtime.tensor(p) for p in parts]).numpy()
+    np.testing.assert_array_equal(out, np.stack(parts))
+
+
 def test_fast_sigmoid_silu():
     """Llama's SiLU: x * sigmoid(x), legalized with a fast exp."""
     x = _rand(3, 7, 160) * 6
