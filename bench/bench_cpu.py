@@ -7,7 +7,10 @@ ONNX Runtime runs with all graph optimizations and as many threads as cores; tor
 threads as cores. The three are timed in rounds of blocks of calls (so a noisy neighbour hits
 them alike); each figure is a median over at least 10 timed calls after warm-up. For decode the bound set by
 memory bandwidth is printed too: the bytes one step must read (every weight once, plus the KV
-cache) over the read bandwidth measured in the same run, and graft's fraction of it.
+cache) over the read bandwidth measured in the same run, and graft's fraction of it. For MiniLM
+and the prefill the bound set by arithmetic is printed likewise: the model's matmul FLOPs over
+the peak of a loop of independent vector FMAs on every core, measured in the same run (what
+neither graft nor ONNX Runtime can beat, whatever the ratio asked of them).
 
     python bench/bench_cpu.py [--runs 10] [--only minilm|smollm]
 """
@@ -15,6 +18,7 @@ cache) over the read bandwidth measured in the same run, and graft's fraction of
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import importlib.util
 import os
@@ -82,6 +86,62 @@ def line(label, ms, ort_ms, torch_ms, extra=""):
           f"graft/ORT {ms / ort_ms:.2f}  graft/torch {ms / torch_ms:.2f}{extra}", flush=True)
 
 
+_FMA_PEAK = [0.0]  # the best measured in this run
+
+
+def fma_peak_gflops(runs: int = 20) -> float:
+    """Best fp32 GFLOP/s seen so far in this run of independent vector FMAs in registers on
+    every core (12 chains per core, more than FMA latency times throughput): the arithmetic
+    roof of this machine. Measured again at every call, as the machine's speed drifts."""
+    lib, out, steps, flops = _fma_loop()
+    lib["fma_loop"](out, steps)
+    seconds = min(_timed(lambda: lib["fma_loop"](out, steps)) for _ in range(runs))
+    _FMA_PEAK[0] = max(_FMA_PEAK[0], flops / seconds / 1e9)
+    return _FMA_PEAK[0]
+
+
+@functools.lru_cache(maxsize=1)
+def _fma_loop():
+    import tvm
+    from tvm.script import tirx as T
+
+    from graft.codegen.cpu.common import vector_lanes
+    from graft.codegen.stack_scratch import TIR_PIPELINE
+    from graft.codegen.target import host_cpu_target
+    from graft.runtime.session import configure_threads
+
+    configure_threads()
+    target = tvm.target.Target(host_cpu_target())
+    n, chains, lanes, steps = cores(), 12, vector_lanes(target, "float32"), 1 << 21
+
+    @T.prim_func
+    def fma_loop(out: T.Buffer((n, lanes), "float32"), steps: T.int32):
+        T.func_attr({"global_symbol": "fma_loop", "tirx.noalias": True})
+        for task in T.parallel(n):
+            acc = T.alloc_buffer((chains, lanes), "float32", scope="local")
+            for c in T.unroll(chains):
+                acc[c, T.ramp(0, 1, lanes)] = T.broadcast(T.Cast("float32", c + task), lanes)
+            for _ in range(steps):
+                for c in T.unroll(chains):
+                    acc[c, T.ramp(0, 1, lanes)] = acc[c, T.ramp(0, 1, lanes)] * \
+                        T.broadcast(T.float32(0.9999), lanes) + T.broadcast(T.float32(1e-4), lanes)
+            out[task, T.ramp(0, 1, lanes)] = acc[0, T.ramp(0, 1, lanes)]
+            for c in range(1, chains):
+                out[task, T.ramp(0, 1, lanes)] = out[task, T.ramp(0, 1, lanes)] + \
+                    acc[c, T.ramp(0, 1, lanes)]
+
+    lib = tvm.compile(tvm.IRModule({"fma_loop": fma_loop}), target, tir_pipeline=TIR_PIPELINE)
+    out = tvm.runtime.tensor(np.zeros((n, lanes), np.float32))
+    return lib, out, steps, n * steps * chains * lanes * 2
+
+
+def compute_bound_line(gflop: float, peak: float, graft_ms: float, ort_ms: float) -> str:
+    bound = gflop / peak * 1e3
+    return (f"\n  compute bound: {gflop:.1f} GFLOP of matmuls at {peak:.0f} GFLOP/s (FMA peak) = "
+            f"{bound:.1f} ms; graft reaches {bound / graft_ms:.0%} of it, ORT "
+            f"{bound / ort_ms:.0%}; graft/ORT {bound / ort_ms:.2f} at best")
+
+
 # ----------------------------------------------------------------------------- MiniLM
 
 def load_minilm():
@@ -136,6 +196,7 @@ def bench_minilm(workdir: Path, runs: int):
     dynamic.save(workdir / "minilm_dynamic")
     dynamic = graft.load(workdir / "minilm_dynamic")
 
+    config = module.bert.config
     for batch, seq in ((1, 128), (8, 128), (32, 64)):
         texts = [TEXT[i * 7:] for i in range(batch)]
         enc = tokenizer(texts, padding="max_length", truncation=True, max_length=seq,
@@ -170,7 +231,18 @@ def bench_minilm(workdir: Path, runs: int):
         label = f"MiniLM fp32 ({batch:2d}, {seq:3d})"
         line(f"{label} static shapes ", ms["static"], ms["ort"], ms["torch"],
              f"  (compile {compile_s:.1f} s, max abs diff vs torch {err:.1e})")
-        line(f"{label} symbolic shapes", ms["dynamic"], ms["ort"], ms["torch"])
+        line(f"{label} symbolic shapes", ms["dynamic"], ms["ort"], ms["torch"],
+             compute_bound_line(minilm_gflop(config, batch, seq), fma_peak_gflops(),
+                                ms["static"], ms["ort"]))
+
+
+def minilm_gflop(config, batch: int, seq: int) -> float:
+    """FLOPs of a BERT encoder's matmuls: the projections and FFN of every token, and the
+    attention scores and context of every head."""
+    h, inner, layers, tokens = (config.hidden_size, config.intermediate_size,
+                                config.num_hidden_layers, batch * seq)
+    return (2 * tokens * layers * (4 * h * h + 2 * h * inner) +
+            4 * batch * layers * seq * seq * h) / 1e9
 
 
 # ----------------------------------------------------------------------------- SmolLM2
@@ -258,8 +330,24 @@ def bench_smollm(workdir: Path, runs: int):
             bound = step_bytes / gbs / 1e6
             extra += (f"\n  decode bound: {step_bytes / 1e6:.1f} MB read per token at {gbs:.1f} "
                       f"GB/s = {bound:.2f} ms; graft reaches {bound / ms['graft']:.0%} of it")
+        else:
+            extra += compute_bound_line(decoder_gflop(config, new, past_len), fma_peak_gflops(),
+                                        ms["graft"], ms["ort"])
         line(f"SmolLM2 fp32 {case} ({new} new, past {past_len})", ms["graft"], ms["ort"],
              ms["torch"], extra)
+
+
+def decoder_gflop(config, new: int, past: int) -> float:
+    """FLOPs of a Llama-style decoder's matmuls for `new` tokens after `past`: projections and
+    MLP of every token, causal attention scores and context of every head, and the head's
+    logits of the last position."""
+    h, inner, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    per_token = 2 * h * h + 2 * h * kv_heads * head_dim + 3 * h * inner
+    keys = new * past + new * (new + 1) // 2  # (query, key) pairs the causal mask keeps
+    return (2 * new * layers * per_token + 4 * layers * heads * head_dim * keys +
+            2 * h * config.vocab_size) / 1e9
 
 
 def _decode_bytes(model) -> int:
