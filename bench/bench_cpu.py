@@ -135,10 +135,13 @@ def _fma_loop():
     return lib, out, steps, n * steps * chains * lanes * 2
 
 
-def compute_bound_line(gflop: float, peak: float, graft_ms: float, ort_ms: float) -> str:
+def compute_bound_line(gflop: float, peak: float, graft_ms: float, ort_ms: float,
+                       graft: str = "graft") -> str:
+    """The time the matmuls take at the FMA peak, each contender's share of it, and the
+    graft/ORT ratio graft would reach running at the peak."""
     bound = gflop / peak * 1e3
     return (f"\n  compute bound: {gflop:.1f} GFLOP of matmuls at {peak:.0f} GFLOP/s (FMA peak) = "
-            f"{bound:.1f} ms; graft reaches {bound / graft_ms:.0%} of it, ORT "
+            f"{bound:.1f} ms; {graft} reaches {bound / graft_ms:.0%} of it, ORT "
             f"{bound / ort_ms:.0%}; graft/ORT {bound / ort_ms:.2f} at best")
 
 
@@ -233,7 +236,7 @@ def bench_minilm(workdir: Path, runs: int):
              f"  (compile {compile_s:.1f} s, max abs diff vs torch {err:.1e})")
         line(f"{label} symbolic shapes", ms["dynamic"], ms["ort"], ms["torch"],
              compute_bound_line(minilm_gflop(config, batch, seq), fma_peak_gflops(),
-                                ms["static"], ms["ort"]))
+                                ms["static"], ms["ort"], graft="graft (static shapes)"))
 
 
 def minilm_gflop(config, batch: int, seq: int) -> float:
