@@ -8,6 +8,7 @@ import json
 import sys
 import time
 import traceback
+from pathlib import Path
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
@@ -179,6 +180,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true", help="also print the kernels taking the "
                                                            "most time")
     p.add_argument("--top", type=int, default=15, help="kernels to list with --profile")
+    p.add_argument("--compare", choices=["onnxruntime", "torch"],
+                   help="also time the original model with ONNX Runtime (all graph "
+                        "optimizations) or PyTorch eager, on the same inputs, interleaved, and "
+                        "print the ratio")
+    p.add_argument("--model", help="with --compare: the .onnx file (onnxruntime) or the .pt2 "
+                                   "file (torch) the artifact was compiled from")
     p.set_defaults(handler=_bench)
     return parser
 
@@ -447,15 +454,16 @@ def _bench(args) -> int:
         else:
             inputs.append(rng.standard_normal(shape).astype(spec.dtype))
     tensors = function.check_inputs(inputs)
-    function.run_tvm(*tensors)
-    times = []
-    for _ in range(args.repeat):
-        start = time.perf_counter()
+    if args.compare:
+        _bench_against(args, function, inputs, tensors)
+    else:
         function.run_tvm(*tensors)
-        times.append(time.perf_counter() - start)
-    ms = np.array(times) * 1e3
-    print(f"{function.name}: p50 {np.percentile(ms, 50):.3f} ms  p90 {np.percentile(ms, 90):.3f} "
-          f"ms  p99 {np.percentile(ms, 99):.3f} ms  ({args.repeat} runs)")
+        times = []
+        for _ in range(args.repeat):
+            start = time.perf_counter()
+            function.run_tvm(*tensors)
+            times.append(time.perf_counter() - start)
+        print(_percentiles(function.name, np.array(times) * 1e3))
     if args.profile:
         from graft.runtime.profile import profile
 
@@ -467,6 +475,36 @@ def _bench(args) -> int:
             print(f"  {k.total_ms:9.3f} ms {100 * k.total_ms / max(total, 1e-9):5.1f}%  "
                   f"{k.calls:4d} call{'s' if k.calls != 1 else ' '}  {k.name}")
     return 0
+
+
+def _percentiles(label: str, ms) -> str:
+    import numpy as np
+
+    return (f"{label}: p50 {np.percentile(ms, 50):.3f} ms  p90 {np.percentile(ms, 90):.3f} ms  "
+            f"p99 {np.percentile(ms, 99):.3f} ms  {1e3 / np.median(ms):.1f} calls/s  "
+            f"({len(ms)} runs)")
+
+
+def _bench_against(args, function, inputs, tensors) -> None:
+    """`graft bench --compare`: the artifact and the reference, interleaved, and the ratio."""
+    import numpy as np
+
+    from graft import compare
+
+    run_reference = compare.reference(args.compare, args.model,
+                                      [spec.name for spec in function.inputs], inputs)
+    ours = function(*inputs)
+    difference = compare.largest_difference(list(ours) if isinstance(ours, tuple) else [ours],
+                                            run_reference())
+    ms = compare.timed_in_blocks({"graft": lambda: function.run_tvm(*tensors),
+                                  args.compare: run_reference}, args.repeat)
+    width = max(len(function.name), len(args.compare))
+    print(f"{function.name} against {args.compare} ({Path(args.model).name}), the same inputs, "
+          f"timed in alternating blocks:")
+    print("  " + _percentiles(f"{'graft':<{width}}", ms["graft"]))
+    print("  " + _percentiles(f"{args.compare:<{width}}", ms[args.compare]))
+    ratio = np.median(ms["graft"]) / np.median(ms[args.compare])
+    print(f"  graft/{args.compare} {ratio:.2f} (medians); {difference}")
 
 
 if __name__ == "__main__":

@@ -209,3 +209,48 @@ def test_compile_sparse(tmp_path):
     result = graft_cli("compile", model, "-o", tmp_path / "o2", "--sparsify", "2:3")
     assert_one_line_error(result, "2:3", "M dividing 16")
     assert not (tmp_path / "o2").exists()
+
+
+def _bench_compare_lines(result):
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    ratio = next(line for line in lines if "(medians)" in line)
+    return lines, float(ratio.split("outputs differ by at most ")[1])
+
+
+def test_bench_compare_onnxruntime(tmp_path):
+    """`graft bench --compare onnxruntime`: percentiles of both, the ratio, and how far the
+    artifact's outputs are from ONNX Runtime's on the same inputs."""
+    weight = np.random.default_rng(0).standard_normal((64, 128)).astype(np.float32)
+    model = matmul_onnx(tmp_path / "proj.onnx", weight)
+    assert graft_cli("compile", model, "-o", tmp_path / "art").returncode == 0
+    result = graft_cli("bench", tmp_path / "art", "--compare", "onnxruntime", "--model", model,
+                       "--repeat", 8)
+    lines, difference = _bench_compare_lines(result)
+    assert any(line.strip().startswith("graft") and "p99" in line for line in lines)
+    assert any(line.strip().startswith("onnxruntime") and "p99" in line for line in lines)
+    assert "graft/onnxruntime" in result.stdout
+    assert difference < 1e-4
+
+
+def test_bench_compare_torch(tmp_path):
+    import torch
+
+    module = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.GELU()).eval()
+    program = torch.export.export(module, (torch.randn(4, 32),))
+    torch.export.save(program, tmp_path / "mlp.pt2")
+    assert graft_cli("compile", tmp_path / "mlp.pt2", "-o", tmp_path / "art").returncode == 0
+    result = graft_cli("bench", tmp_path / "art", "--compare", "torch", "--model",
+                       tmp_path / "mlp.pt2", "--repeat", 8)
+    lines, difference = _bench_compare_lines(result)
+    assert "graft/torch" in result.stdout and difference < 1e-4
+
+
+def test_bench_compare_needs_the_model(tmp_path):
+    model = tiny_onnx(tmp_path / "relu.onnx")
+    assert graft_cli("compile", model, "-o", tmp_path / "art", "--input",
+                     "x:2x4:float32").returncode == 0
+    assert_one_line_error(graft_cli("bench", tmp_path / "art", "--compare", "onnxruntime"),
+                          "--compare onnxruntime needs --model")
+    assert_one_line_error(graft_cli("bench", tmp_path / "art", "--compare", "onnxruntime",
+                                    "--model", tmp_path / "missing.onnx"), "no such file")
