@@ -464,6 +464,11 @@ def _bench(args) -> int:
             function.run_tvm(*tensors)
             times.append(time.perf_counter() - start)
         print(_percentiles(function.name, np.array(times) * 1e3))
+    import resource
+
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(f"peak resident memory {peak_mb:.0f} MB (this process: loading, inputs and runs"
+          f"{', and the reference' if args.compare else ''})")
     if args.profile:
         from graft.runtime.profile import profile
 

@@ -246,10 +246,13 @@ def test_bench_compare_torch(tmp_path):
     assert "graft/torch" in result.stdout and difference < 1e-4
 
 
-def test_bench_compare_needs_the_model(tmp_path):
+def test_bench_plain_and_compare_needs_the_model(tmp_path):
     model = tiny_onnx(tmp_path / "relu.onnx")
     assert graft_cli("compile", model, "-o", tmp_path / "art", "--input",
                      "x:2x4:float32").returncode == 0
+    plain = graft_cli("bench", tmp_path / "art", "--repeat", 3)
+    assert plain.returncode == 0 and "main: p50 " in plain.stdout, plain.stderr
+    assert "calls/s" in plain.stdout and "peak resident memory" in plain.stdout
     assert_one_line_error(graft_cli("bench", tmp_path / "art", "--compare", "onnxruntime"),
                           "--compare onnxruntime needs --model")
     assert_one_line_error(graft_cli("bench", tmp_path / "art", "--compare", "onnxruntime",
