@@ -52,8 +52,13 @@ def _onnxruntime(path: Path, names, inputs, cores):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = cores
     options.inter_op_num_threads = 1
-    session = ort.InferenceSession(model.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), options,
+                                       providers=["CPUExecutionProvider"])
+    except Exception as err:  # noqa: BLE001 - ORT's own exception types
+        text = str(err).strip().splitlines()
+        raise GraftError(f"--model {path}: ONNX Runtime cannot load it "
+                         f"({text[-1] if text else type(err).__name__})") from err
     wanted = [i.name for i in session.get_inputs()]
     by_name = dict(zip(names, inputs))
     if set(wanted) <= set(by_name):
