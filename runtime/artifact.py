@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 from pathlib import Path
 
@@ -77,8 +78,12 @@ def _inside(real_root: Path, name: str, manifest_path: Path) -> Path:
     return path
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Memory-map a safetensors file as numpy arrays (no torch needed, no copy)."""
+def read_safetensors(path: str | os.PathLike, copy=None) -> dict:
+    """The tensors of a safetensors file as numpy arrays over a memory map of it (no torch
+    needed, no copy). With `copy`, each array is handed to it and its result is kept instead;
+    then the map's pages of each tensor are given back to the OS once it has been copied, so
+    loading holds about one copy of the parameters at any time instead of two (the file's pages
+    would otherwise stay resident beside the copies)."""
     dtypes = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64,
               "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
               "U16": np.uint16, "U32": np.uint32, "U64": np.uint64, "BOOL": np.bool_}
@@ -92,6 +97,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         header_len = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(header_len))
     data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
+    lead = (8 + header_len) % mmap.ALLOCATIONGRANULARITY  # where `data` starts in its mapping
     arrays = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -100,5 +106,19 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         if info["dtype"] not in dtypes:
             raise ArtifactError(f"{path}: tensor {name!r} has dtype {info['dtype']}, which this "
                                 "runtime cannot read (install ml_dtypes for bfloat16/float8)")
-        arrays[name] = data[begin:end].view(dtypes[info["dtype"]]).reshape(info["shape"])
+        array = data[begin:end].view(dtypes[info["dtype"]]).reshape(info["shape"])
+        if copy is None:
+            arrays[name] = array
+            continue
+        arrays[name] = copy(array)
+        _give_back(data._mmap, lead + begin, lead + end)
     return arrays
+
+
+def _give_back(mapping, begin: int, end: int) -> None:
+    """madvise(DONTNEED) the whole pages of [begin, end) of a read-only file mapping: they are
+    read from the file again if touched."""
+    page = mmap.PAGESIZE
+    start, stop = -(-begin // page) * page, end // page * page
+    if stop > start and hasattr(mapping, "madvise"):
+        mapping.madvise(mmap.MADV_DONTNEED, start, stop - start)

@@ -87,9 +87,9 @@ class Artifact:
             self.library = load_library(self.path / LIBRARY)
         except Exception as err:  # TVM raises its own error types
             raise ArtifactError(f"could not load {LIBRARY} from {str(self.path)!r}: {err}") from None
-        host_params = read_safetensors(self.path / PARAMS)
-        self.params = {name: tvm.runtime.tensor(np.asarray(array, order="C"), self.device)
-                       for name, array in host_params.items()}
+        self.params = read_safetensors(
+            self.path / PARAMS,
+            copy=lambda array: tvm.runtime.tensor(np.asarray(array, order="C"), self.device))
         self.functions = {name: Function(self, name, sig)
                           for name, sig in self.manifest["functions"].items()}
         self._local = threading.local()

@@ -173,3 +173,46 @@ def test_an_artifact_compiled_again_into_the_same_directory_runs_its_new_code(tm
         with torch.no_grad():
             np.testing.assert_allclose(got, layer(torch.from_numpy(x)).numpy(), rtol=1e-5,
                                        atol=1e-5)
+
+
+LOAD_PEAK = """
+import sys
+import numpy as np
+from graft.runtime.artifact import read_safetensors
+
+def status(key):
+    return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status")
+                if line.startswith(key + ":"))
+
+path, give_back = sys.argv[1], sys.argv[2] == "1"
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from here
+before = status("VmRSS")
+if give_back:
+    copies = read_safetensors(path, copy=np.array)
+else:
+    copies = {name: np.array(a) for name, a in read_safetensors(path).items()}
+print(status("VmHWM") - before)
+print(sum(float(a[::4096].astype(np.float64).sum()) for a in copies.values()))
+"""
+
+
+def test_parameters_are_loaded_with_one_copy_resident(tmp_path):
+    """Reading parameters through the memory map and copying each one: the file's pages of a
+    tensor are given back once it is copied, so the peak grows by about the parameters' size,
+    not twice that (as it does when the mapped pages stay resident beside the copies)."""
+    from safetensors.numpy import save_file
+
+    gen = np.random.default_rng(0)
+    params = {f"w{i}": gen.standard_normal((1024, 8192), dtype=np.float32) for i in range(6)}
+    save_file(params, str(tmp_path / "params.safetensors"))
+    size = sum(a.nbytes for a in params.values())  # 192 MiB
+    expected = sum(float(a[::4096].astype(np.float64).sum()) for a in params.values())
+    peaks = {}
+    for give_back in ("0", "1"):
+        result = run_python(LOAD_PEAK, tmp_path / "params.safetensors", give_back)
+        assert result.returncode == 0, result.stderr
+        grown, checksum = result.stdout.split()
+        assert float(checksum) == pytest.approx(expected)
+        peaks[give_back] = int(grown)
+    assert peaks["0"] > 1.7 * size, peaks  # the copies and the mapped file both resident
+    assert peaks["1"] < 1.3 * size, peaks
