@@ -111,14 +111,14 @@ def read_safetensors(path: str | os.PathLike, copy=None) -> dict:
             arrays[name] = array
             continue
         arrays[name] = copy(array)
-        _give_back(data._mmap, lead + begin, lead + end)
+        _give_back(getattr(data, "_mmap", None), lead + begin, lead + end)
     return arrays
 
 
 def _give_back(mapping, begin: int, end: int) -> None:
     """madvise(DONTNEED) the whole pages of [begin, end) of a read-only file mapping: they are
     read from the file again if touched."""
-    page = mmap.PAGESIZE
+    page, advice = mmap.PAGESIZE, getattr(mmap, "MADV_DONTNEED", None)
     start, stop = -(-begin // page) * page, end // page * page
-    if stop > start and hasattr(mapping, "madvise"):
-        mapping.madvise(mmap.MADV_DONTNEED, start, stop - start)
+    if stop > start and advice is not None and hasattr(mapping, "madvise"):
+        mapping.madvise(advice, start, stop - start)
