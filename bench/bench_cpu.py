@@ -42,20 +42,11 @@ def cores() -> int:
 
 
 def interleaved_medians(fns: dict, runs: int, rounds: int = 3) -> dict:
-    """Median ms of each function over `runs` timed calls, taken in `rounds` rounds; in each
-    round every function runs a block of calls after one untimed call. Blocks rather than
-    alternating single calls: ONNX Runtime's and torch's thread pools keep spinning after a
-    call and would slow down whatever runs right after them."""
-    per_round = -(-runs // rounds)
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            fn()
-            for _ in range(per_round):
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    """Median ms of each function over `runs` timed calls, taken in `rounds` rounds of blocks
+    (`graft.compare.timed_in_blocks`, what `graft bench --compare` times with)."""
+    from graft.compare import timed_in_blocks
+
+    return {name: statistics.median(t) for name, t in timed_in_blocks(fns, runs, rounds).items()}
 
 
 def ort_session(path):
