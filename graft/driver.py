@@ -120,6 +120,8 @@ def compile(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None
     with progress.step(f"generating code for {tvm_target.kind.name}"):
         executable = codegen.build(state.mod, tvm_target)
     used = _used_params(state)
+    if dumper is not None:
+        dumper.add_kernel_times(_kernel_times(executable, used, state, tvm_target))
     manifest = {
         "versions": versions(),
         "target": target_json(tvm_target),
@@ -265,6 +267,52 @@ def _kernel_report(lowering_records: list) -> dict:
         elif record["pass"] == "tune":
             report["tuning"] = did
     return report
+
+
+def _kernel_times(executable, params: dict, state: CompileState, target, repeat: int = 3) -> dict:
+    """For report.html: each function's kernels by time per run, on random inputs (integers 0
+    or 1, floats standard normal; symbolic dims at the example inputs' sizes, else 1), where
+    this host can run the code; else why not."""
+    from graft.codegen.target import host_cpu_target
+    from graft.runtime.profile import profile_vm
+
+    mcpu = str(target.attrs.get("mcpu", "")) if target.kind.name == "llvm" else None
+    if mcpu is None or mcpu not in ("", host_cpu_target()["mcpu"]):
+        why = (f"compiled for {target.kind.name}{f' -mcpu={mcpu}' if mcpu else ''}, which this "
+               "host does not run")
+        return {name: {"skipped": why} for name in state.signatures}
+    device = tvm.cpu(0)
+    times = {}
+    with progress.step(f"profiling kernels for report.html ({repeat} runs per function)"):
+        vm = relax.VirtualMachine(executable, device)
+        for name, sig in state.signatures.items():
+            if any(spec.dtype == "object" for spec in sig.inputs):
+                times[name] = {"skipped": "takes a paged KV cache, which random inputs cannot "
+                                          "stand in for"}
+                continue
+            rng = np.random.default_rng(0)
+            dims, tensors = {}, []
+            for spec in sig.inputs:
+                shape = []
+                for dim in spec.shape:
+                    if not isinstance(dim, int):
+                        dims[dim] = state.flops_dims.get(dim, 1)
+                    shape.append(dim if isinstance(dim, int) else dims[dim])
+                value = (rng.integers(0, 2, shape) if spec.dtype.startswith(("int", "uint"))
+                         else rng.standard_normal(shape)).astype(spec.dtype)
+                tensors.append(tvm.runtime.tensor(value, device))
+            try:
+                kernels, run_ms = profile_vm(vm, name, tensors, [
+                    tvm.runtime.tensor(np.ascontiguousarray(params[p]), device)
+                    for p in sig.params], repeat)
+            except Exception as err:  # noqa: BLE001 - the report says so; the compile stands
+                first = str(err).strip().splitlines()
+                times[name] = {"skipped": f"profiling failed: {first[0] if first else err!r}"}
+                continue
+            times[name] = {"run_ms": round(run_ms, 4), "repeat": repeat, "dims": dims,
+                           "kernels": [{"name": k.name, "calls": k.calls,
+                                        "ms": round(k.total_ms, 4)} for k in kernels]}
+    return times
 
 
 def _used_params(state: CompileState) -> dict[str, np.ndarray]:

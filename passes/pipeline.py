@@ -73,9 +73,10 @@ class DumpInstrument:
         self.dir = Path(dump_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.records: list[dict] = []
+        self.kernel_times: dict = {}  # kernels.json: per function, its kernels' time per run
         for stale in self.dir.iterdir():  # an earlier compile's dumps would mislead
             if stale.is_file() and (_DUMP_FILE.match(stale.name) or stale.name in (
-                    "passes.json", "report.html")):
+                    "passes.json", "report.html", "kernels.json")):
                 stale.unlink()
         (self.dir / "passes.json").write_text("[]\n")
 
@@ -103,7 +104,12 @@ class DumpInstrument:
         from graft.passes.report import render
 
         (self.dir / "passes.json").write_text(json.dumps(self.records, indent=1) + "\n")
-        (self.dir / "report.html").write_text(render(self.records))
+        (self.dir / "report.html").write_text(render(self.records, self.kernel_times))
+
+    def add_kernel_times(self, kernel_times: dict) -> None:
+        self.kernel_times = kernel_times
+        (self.dir / "kernels.json").write_text(json.dumps(kernel_times, indent=1) + "\n")
+        self.write()
 
     def failed(self, index: int, item: Entry, mod_before: tvm.IRModule, error: BaseException):
         before = self.file_name(index, item.name, ".input.py")

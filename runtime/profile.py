@@ -24,8 +24,13 @@ def profile(function, tensors: list, repeat: int = 5) -> tuple[list[KernelTime],
     """Run `function` (a graft.runtime Function) `repeat` times on checked tvm tensors.
     Returns the kernels by time spent (per run, summed over calls) and the run time in ms."""
     vm = relax.VirtualMachine(function.artifact.library, function.artifact.device)
-    call = vm[function.name]
-    params = function._params
+    return profile_vm(vm, function.name, tensors, function._params, repeat)
+
+
+def profile_vm(vm, name: str, tensors: list, params: list,
+               repeat: int = 5) -> tuple[list[KernelTime], float]:
+    """`profile` on a VM of the caller's (the compiler profiles a module before it is saved)."""
+    call = vm[name]
     call(*tensors, *params)  # warm-up, untimed
     totals: dict[str, list] = {}
     started: list = []
