@@ -147,6 +147,7 @@ class Function:
         # (the last count: calls that ran the whole model)
         self.exit_layers = list(signature.get("early_exit", {}).get("exits", []))
         self.exit_counts = [0] * (len(self.exit_layers) + 1) if self.exit_layers else []
+        self._counting = threading.Lock()  # calls from several threads count every exit
 
     def __str__(self) -> str:
         return f"{self.name}({', '.join(map(str, self.inputs))})"
@@ -190,7 +191,9 @@ class Function:
         tensors = self.check_inputs(values)
         result = _to_numpy_list(self.run_tvm(*tensors))
         if self.exit_layers:  # the compiled function returned its exit's index last
-            self.exit_counts[int(result.pop())] += 1
+            exit_index = int(result.pop())
+            with self._counting:
+                self.exit_counts[exit_index] += 1
         return result
 
     def exit_rates(self) -> dict:

@@ -128,26 +128,40 @@ def test_runtime_runs_where_torch_onnx_and_onnxruntime_cannot_be_imported(tiny_a
 
 
 def test_threads_share_one_artifact(tiny_model, tiny_artifact):
+    """8 threads, 10,000 calls in all, each thread with its own batch size: every result equals
+    what the thread's input gives when run alone (and PyTorch's)."""
     import threading
 
     import torch
 
     runtime = graft.load(tiny_artifact)
-    x = np.random.default_rng(1).standard_normal((5, 8)).astype(np.float32)
-    expected = tiny_model(torch.from_numpy(x)).detach().numpy()
-    errors = []
+    rng = np.random.default_rng(1)
+    inputs = [rng.standard_normal((batch, 8)).astype(np.float32) for batch in range(1, 9)]
+    alone = [runtime(x) for x in inputs]
+    for x, y in zip(inputs, alone):
+        np.testing.assert_allclose(y, tiny_model(torch.from_numpy(x)).detach().numpy(),
+                                   atol=1e-5)
+    calls_per_thread = 10_000 // len(inputs)
+    mismatches, crashes = [], []
+    start = threading.Barrier(len(inputs))
 
-    def worker():
-        for _ in range(50):
-            if not np.allclose(runtime(x), expected, atol=1e-5):
-                errors.append("mismatch")
+    def worker(index):
+        try:
+            start.wait()
+            for call in range(calls_per_thread):
+                out = runtime(inputs[index]) if call % 2 else \
+                    runtime.run({"x": inputs[index]})[runtime.outputs[0].name]
+                if out.shape != alone[index].shape or not np.array_equal(out, alone[index]):
+                    mismatches.append((index, call))
+        except Exception as err:  # noqa: BLE001 - reported by the assertion below
+            crashes.append(repr(err))
 
-    threads = [threading.Thread(target=worker) for _ in range(4)]
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(inputs))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert errors == []
+    assert crashes == [] and mismatches == [], (crashes[:3], mismatches[:10])
 
 
 def test_loading_uses_every_core(tiny_artifact):
