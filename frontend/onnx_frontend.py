@@ -45,7 +45,32 @@ def load_onnx(model):
         onnx.checker.check_model(model)
     except Exception as err:
         raise ModelLoadError(f"{where} fails onnx.checker: {_first_line(err)}") from None
+    _check_omitted_inputs(model, where)
     return model
+
+
+def _check_omitted_inputs(model, where: str) -> None:
+    """An input named "" is omitted, which ONNX allows for optional inputs only; the checker
+    lets it through everywhere, and TVM's importer then crashes on the missing value."""
+    import onnx
+
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=1)
+    for index, node in enumerate(model.graph.node):
+        if node.domain not in ("", "ai.onnx") or "" not in node.input:
+            continue
+        try:
+            formal = onnx.defs.get_schema(node.op_type, opset).inputs
+        except Exception:  # noqa: BLE001 - the checker has vouched for the op; nothing to add
+            continue
+        for position, name in enumerate(node.input):
+            if name or not formal:
+                continue
+            param = formal[min(position, len(formal) - 1)]
+            if param.option != onnx.defs.OpSchema.FormalParameterOption.Optional:
+                label = f"{node.op_type} {node.name!r}" if node.name else node.op_type
+                raise ModelLoadError(f"{where}: node #{index} ({label}) omits its input "
+                                     f"{position} ({param.name!r}), which {node.op_type} "
+                                     "requires; only optional inputs may be left empty")
 
 
 def input_specs_of(model, specs: list | None) -> list[TensorSpec]:
@@ -82,7 +107,26 @@ def input_specs_of(model, specs: list | None) -> list[TensorSpec]:
                     f"input {info.name!r} dim {axis} has no size or name: give it with --input "
                     f"{info.name}:SHAPE:{dtype}")
         result.append(TensorSpec(info.name, shape, dtype))
+    for spec in result:
+        _check_size(spec)
     return result
+
+
+MAX_INPUT_ELEMENTS = 1 << 34  # 64 GiB of float32: more than a corrupt shape, less than absurd
+
+
+def _check_size(spec: TensorSpec) -> None:
+    static = [d for d in spec.shape if isinstance(d, int)]
+    if any(d < 0 for d in static):
+        raise InputSpecError(f"input {spec.name!r} has shape {spec.shape_text()}: sizes must not "
+                             "be negative (a dim of unknown size needs a name)")
+    elements = 1
+    for d in static:
+        elements *= d
+    if elements > MAX_INPUT_ELEMENTS:
+        raise InputSpecError(f"input {spec.name!r} has shape {spec.shape_text()}: {elements:,} "
+                             f"elements, more than the {MAX_INPUT_ELEMENTS:,} graft takes (a "
+                             "corrupt shape? give the real one with --input)")
 
 
 def import_onnx(model, input_specs=None, *, converters=None) -> ImportedModel:

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -14,14 +18,24 @@ EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
 
 
+# `graft compile` runs the compiler in a child process (this variable is set there): a crash
+# inside TVM (a segfault, an abort) then ends in one error line, not in the death of the command
+IN_CHILD = "GRAFT_COMPILE_CHILD"
+
+
 def main(argv=None) -> int:
     parser = _parser()
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     args = parser.parse_args(argv)
     from graft import progress
     from graft.runtime.errors import GraftError
 
     if args.quiet:
         progress.set_enabled(False)
+    if args.handler is _compile and os.environ.get(IN_CHILD) != "1":
+        return _compile_in_child(argv, args)
+    if os.environ.get(IN_CHILD) == "1" and not args.verbose:
+        _plain_crashes()
     try:
         return args.handler(args) or 0
     except GraftError as err:
@@ -39,6 +53,51 @@ def main(argv=None) -> int:
         print(f"graft: internal error: {type(err).__name__}: {first[0] if first else ''} "
               "(run with --verbose for the traceback)", file=sys.stderr)
         return EXIT_INTERNAL
+
+
+def _compile_in_child(argv: list[str], args) -> int:
+    """Run this `graft compile` in a child process (stdin, stdout and stderr shared, so progress
+    shows as usual); if the child dies of a signal, say so in one line, naming the step it was
+    in, and remove what it left half-written."""
+    from graft import progress
+
+    with tempfile.NamedTemporaryFile("w+", prefix="graft-stage-", suffix=".txt") as stage:
+        env = dict(os.environ, **{IN_CHILD: "1", progress.STAGE_FILE: stage.name,
+                                  progress.PROGRESS: "1" if progress.enabled() else "0"})
+        try:
+            child = subprocess.run([sys.executable, "-m", "graft.cli", *argv], env=env)
+        except KeyboardInterrupt:
+            print("graft: interrupted", file=sys.stderr)
+            return 130
+        if child.returncode >= 0:
+            return child.returncode
+        stage.seek(0)
+        where = stage.read().strip()
+    try:
+        name = signal.Signals(-child.returncode).name
+    except ValueError:
+        name = f"signal {-child.returncode}"
+    _remove_partial_artifacts(Path(args.output))
+    print(f"graft: internal error: the compiler crashed ({name}) "
+          f"{f'in step {where!r}' if where else 'while starting'}: a bug in graft or in TVM, "
+          f"which this model set off{'' if args.verbose else ' (run with --verbose for the native stack)'}",
+          file=sys.stderr)
+    return EXIT_INTERNAL
+
+
+def _remove_partial_artifacts(output: Path) -> None:
+    import shutil
+
+    for partial in output.parent.glob(f".{output.name}.partial-*"):
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _plain_crashes() -> None:
+    """Without --verbose, a segfault in the child ends it quietly (the parent reports it);
+    tvm_ffi's handler would print a native backtrace of several hundred lines."""
+    import tvm  # noqa: F401 - installs tvm_ffi's handler, which this replaces
+
+    signal.signal(signal.SIGSEGV, signal.SIG_DFL)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from contextlib import contextmanager
+
+# the CLI compiles in a child process; the child writes each step it starts to this file, so
+# that the parent can say where a crash happened (see graft.cli)
+STAGE_FILE = "GRAFT_STAGE_FILE"
+PROGRESS = "GRAFT_PROGRESS"  # "1" or "0": on or off, whatever stderr is
 
 _forced: bool | None = None
 
@@ -16,7 +22,10 @@ def set_enabled(enabled: bool | None) -> None:
 
 
 def enabled() -> bool:
-    return _forced if _forced is not None else sys.stderr.isatty()
+    if _forced is not None:
+        return _forced
+    inherited = os.environ.get(PROGRESS)  # set for the CLI's compile child by its parent
+    return inherited == "1" if inherited in ("0", "1") else sys.stderr.isatty()
 
 
 def note(text: str) -> None:
@@ -28,6 +37,7 @@ def note(text: str) -> None:
 def step(text: str):
     """`graft: <text> ...` then ` done (1.2 s)` when the work ends."""
     start = time.perf_counter()
+    _record_stage(text)
     if enabled():
         print(f"graft: {text} ...", end="", file=sys.stderr, flush=True)
     try:
@@ -57,3 +67,13 @@ def count(text: str, done: int, total: int) -> None:
     if enabled():
         end = "\n" if done >= total else ""
         print(f"\rgraft: {text} {done}/{total}", end=end, file=sys.stderr, flush=True)
+
+
+def _record_stage(text: str) -> None:
+    path = os.environ.get(STAGE_FILE)
+    if path:
+        try:
+            with open(path, "w") as f:
+                f.write(text)
+        except OSError:
+            pass

@@ -63,7 +63,41 @@ def read_manifest(path: str | os.PathLike) -> dict:
             raise ArtifactError(f"artifact file {name!r} in {str(root)!r} was modified: its SHA-256 "
                                 f"is {actual[:16]}..., the manifest says {str(expected)[:16]}...; "
                                 "refusing to load it")
+    _check_functions(manifest, manifest_path)
     return manifest
+
+
+def _check_functions(manifest: dict, manifest_path: Path) -> None:
+    """The entry points' signatures are what the runtime checks inputs against: refuse any
+    that is not well formed rather than fail later on a call."""
+    from graft.runtime.signature import _DIM_NAME, DTYPES, OBJECT
+
+    functions = manifest.get("functions")
+    if not isinstance(functions, dict) or not functions:
+        raise ArtifactError(f"{manifest_path} lists no functions (expected \"functions\": "
+                            "{name: {inputs, outputs, params}})")
+    for name, sig in functions.items():
+        where = f"{manifest_path}: function {name!r}"
+        if not isinstance(sig, dict):
+            raise ArtifactError(f"{where} is not an object with inputs, outputs and params")
+        for part in ("inputs", "outputs"):
+            specs = sig.get(part)
+            if not isinstance(specs, list):
+                raise ArtifactError(f"{where} has no list of {part}")
+            for spec in specs:
+                ok = (isinstance(spec, dict) and isinstance(spec.get("name"), str)
+                      and spec.get("dtype") in (*DTYPES, OBJECT)
+                      and isinstance(spec.get("shape"), list)
+                      and all((isinstance(d, int) and not isinstance(d, bool) and d >= 0)
+                              or (isinstance(d, str) and _DIM_NAME.match(d))
+                              for d in spec["shape"]))
+                if not ok:
+                    raise ArtifactError(f"{where}: {part} entry {spec!r} is not a tensor spec "
+                                        "(name, a shape of sizes and dim names, a dtype graft "
+                                        "knows)")
+        params = sig.get("params")
+        if not isinstance(params, list) or not all(isinstance(p, str) for p in params):
+            raise ArtifactError(f"{where} has no list of parameter names")
 
 
 def _inside(real_root: Path, name: str, manifest_path: Path) -> Path:

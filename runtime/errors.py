@@ -41,3 +41,8 @@ class ArtifactError(GraftError):
 
 class RuntimeInputError(GraftError):
     """Inputs given at run time do not match the artifact's signature."""
+
+
+class ExecutionError(GraftError):
+    """The compiled code refused a call its signature check let through (the function's own
+    shape checks), or failed while running."""

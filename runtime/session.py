@@ -13,7 +13,7 @@ import tvm
 from tvm import relax
 
 from graft.runtime.artifact import LIBRARY, PARAMS, read_manifest, read_safetensors
-from graft.runtime.errors import ArtifactError, RuntimeInputError
+from graft.runtime.errors import ArtifactError, ExecutionError, RuntimeInputError
 from graft.runtime.signature import OBJECT, TensorSpec
 
 _threads_configured = False
@@ -90,6 +90,11 @@ class Artifact:
         self.params = read_safetensors(
             self.path / PARAMS,
             copy=lambda array: tvm.runtime.tensor(np.asarray(array, order="C"), self.device))
+        for name, sig in self.manifest["functions"].items():
+            missing = [p for p in sig["params"] if p not in self.params]
+            if missing:
+                raise ArtifactError(f"artifact {str(self.path)!r}: function {name!r} takes "
+                                    f"parameters that {PARAMS} lacks: {', '.join(missing[:5])}")
         self.functions = {name: Function(self, name, sig)
                           for name, sig in self.manifest["functions"].items()}
         self._local = threading.local()
@@ -189,7 +194,12 @@ class Function:
 
     def _invoke(self, values: list) -> list[np.ndarray]:
         tensors = self.check_inputs(values)
-        result = _to_numpy_list(self.run_tvm(*tensors))
+        try:
+            result = _to_numpy_list(self.run_tvm(*tensors))
+        except Exception as err:  # TVM raises its own error types
+            first = str(err).strip().splitlines()
+            raise ExecutionError(f"{self.name}() failed in the compiled code: "
+                                 f"{type(err).__name__}: {first[0] if first else ''}") from err
         if self.exit_layers:  # the compiled function returned its exit's index last
             exit_index = int(result.pop())
             with self._counting:

@@ -1,11 +1,13 @@
 """The CLI: one clear line and status 2 on bad input, no traceback unless --verbose."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 GRAFT = [sys.executable, "-m", "graft.cli"]
 
@@ -89,6 +91,9 @@ def test_bad_input_spec(tmp_path):
     assert_one_line_error(result, "'z'", "its inputs are x")
 
 
+# the compile in this process, as the CLI's child runs it (the patches below apply there)
+IN_PROCESS = dict(os.environ, GRAFT_COMPILE_CHILD="1")
+
 KILL_DURING_BUILD = r"""
 import os, sys, signal
 import graft.codegen.build as build
@@ -106,9 +111,35 @@ def test_interrupted_compile_leaves_no_output_directory(tmp_path):
     model = tiny_onnx(tmp_path / "relu.onnx")
     out = tmp_path / "art"
     result = subprocess.run([sys.executable, "-c", KILL_DURING_BUILD, "compile", str(model), "-o",
-                             str(out)], capture_output=True, text=True, timeout=600)
+                             str(out)], capture_output=True, text=True, timeout=600, env=IN_PROCESS)
     assert result.returncode == -signal.SIGKILL
     assert not out.exists()
+
+
+@pytest.mark.parametrize("crash", ["SIGSEGV", "SIGABRT"])
+def test_a_crash_in_the_compiler_is_one_error_line(tmp_path, crash):
+    """A native crash inside the compile (as TVM can have) ends the child process only: the
+    command says which step crashed, exits 1, and leaves no half-written artifact."""
+    model = tiny_onnx(tmp_path / "relu.onnx")
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(f"""
+import os, signal
+import graft.codegen.build as build
+def crash(mod, target):
+    os.kill(os.getpid(), signal.{crash})
+build.build = crash
+""")
+    env = dict(os.environ, PYTHONPATH=f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    out = tmp_path / "art"
+    result = subprocess.run([*GRAFT, "compile", str(model), "-o", str(out)], capture_output=True,
+                            text=True, timeout=600, env=env)
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"the compiler crashed ({crash}) in step 'generating code for " \
+        "llvm'" in lines[0], result.stderr
+    assert "Traceback" not in result.stderr and "Segfault" not in result.stderr
+    assert not out.exists() and not list(tmp_path.glob(".art.partial-*"))
 
 
 def test_killed_while_writing_leaves_no_output_directory(tmp_path):
@@ -129,7 +160,7 @@ sys.exit(main(sys.argv[1:]))
 """
     out = tmp_path / "art"
     proc = subprocess.Popen([sys.executable, "-c", slow_write, "compile", str(model), "-o",
-                             str(out)], stdout=subprocess.PIPE, text=True)
+                             str(out)], stdout=subprocess.PIPE, text=True, env=IN_PROCESS)
     assert proc.stdout.readline().strip() == "writing"
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
