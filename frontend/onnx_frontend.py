@@ -46,7 +46,24 @@ def load_onnx(model):
     except Exception as err:
         raise ModelLoadError(f"{where} fails onnx.checker: {_first_line(err)}") from None
     _check_omitted_inputs(model, where)
+    _check_initializers(model, where)
     return model
+
+
+def _check_initializers(model, where: str) -> None:
+    """Each weight's data must fill its dims (the checker does not look at the data)."""
+    import onnx
+    from onnx import numpy_helper
+
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            continue  # read, and checked, when the model is loaded with its data
+        try:
+            numpy_helper.to_array(init)  # a view of raw_data: no copy of the weights
+        except Exception as err:  # noqa: BLE001 - numpy and onnx raise several types
+            raise ModelLoadError(f"{where}: initializer {init.name!r} (dims {list(init.dims)}, "
+                                 f"ONNX type {init.data_type}) holds data that does not fit "
+                                 f"them: {type(err).__name__}: {_first_line(err)}") from None
 
 
 def _check_omitted_inputs(model, where: str) -> None:
