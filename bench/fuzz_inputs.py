@@ -32,7 +32,9 @@ import time
 from pathlib import Path
 
 CASE_TIMEOUT = 120  # seconds; a case still running then counts as a hang
-OUTCOMES_OK = ("compiled", "loaded", "graft error", "internal error")
+# "contained crash": the compile crashed in the worker (in process), and `graft compile` itself,
+# which compiles in a child process, ended with its one-line report of the crash
+OUTCOMES_OK = ("compiled", "loaded", "graft error", "internal error", "contained crash")
 NODE_TESTS = ("test_conv_with_strides_padding", "test_gemm_default_matrix_bias", "test_matmul_3d",
               "test_softmax_axis_1", "test_layer_normalization_4d_axis1",
               "test_reshape_reordered_all_dims", "test_transpose_all_permutations_2",
@@ -504,6 +506,21 @@ class Worker:
             self.process.wait(timeout=30)
 
 
+def _through_the_cli(case: dict, timeout: float, crashed: dict) -> dict:
+    """A case that crashed the worker, run again as a user would: `graft compile` must report
+    the crash in one line (exit status 1) instead of dying with it."""
+    try:
+        run = subprocess.run([sys.executable, "-m", "graft.cli", "compile", case["path"], "-o",
+                              case["out"]], capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"outcome": "hang", "message": f"graft compile: no result after {timeout:.0f} s"}
+    last = run.stderr.strip().splitlines()[-1:] or [""]
+    if run.returncode == 1 and "the compiler crashed" in last[0]:
+        return {"outcome": "contained crash", "message": last[0][:300]}
+    return {"outcome": "crash", "message": f"{crashed['message']}; graft compile then exited "
+                                           f"{run.returncode}: {last[0][:200]}"}
+
+
 def make_cases(count: int, seed: int, workdir: Path) -> list[dict]:
     rng = random.Random(seed)
     models = seed_models(workdir)
@@ -556,6 +573,8 @@ def run_cases(cases: list[dict], jobs: int, keep: Path | None = None,
             result = worker.run(case, timeout)
             if not worker.alive:
                 worker = Worker()
+                if result["outcome"] == "crash" and case["kind"] != "artifact":
+                    result = _through_the_cli(case, timeout, result)
             with lock:
                 outcomes[result["outcome"]] += 1
                 if result["outcome"] not in OUTCOMES_OK:
@@ -565,7 +584,7 @@ def run_cases(cases: list[dict], jobs: int, keep: Path | None = None,
                         target = keep / f"case{case['index']:05d}_{Path(case['path']).name}"
                         (shutil.copytree if Path(case["path"]).is_dir() else shutil.copy)(
                             case["path"], target)
-                elif result["outcome"] in ("graft error", "internal error"):
+                elif result["outcome"] in ("graft error", "internal error", "contained crash"):
                     messages[(result["outcome"], _normalized(result["message"]))] += 1
                 done = sum(outcomes.values())
                 if done % 100 == 0:
@@ -605,11 +624,15 @@ def main(argv=None) -> int:
     outcomes = result["outcomes"]
     print(f"outcomes of {len(cases)} cases in {result['seconds']:.0f} s: "
           + ", ".join(f"{k} {v}" for k, v in outcomes.most_common()))
-    internal = [(m, c) for (o, m), c in result["messages"].most_common() if o == "internal error"]
-    if internal:
-        print("internal errors (graft's or TVM's exceptions, reported in one line):")
-        for message, count in internal:
-            print(f"  {count:5d}  {message}")
+    for kind, title in (("internal error", "internal errors (graft's or TVM's exceptions, "
+                                            "reported in one line)"),
+                        ("contained crash", "native crashes in the compile, which graft compile "
+                                            "reported in one line")):
+        listed = [(m, c) for (o, m), c in result["messages"].most_common() if o == kind]
+        if listed:
+            print(f"{title}:")
+            for message, count in listed:
+                print(f"  {count:5d}  {message}")
     print("most common errors:")
     for (outcome, message), count in result["messages"].most_common(25):
         print(f"  {count:5d}  {outcome}: {message}")

@@ -46,8 +46,22 @@ def load_onnx(model):
     except Exception as err:
         raise ModelLoadError(f"{where} fails onnx.checker: {_first_line(err)}") from None
     _check_omitted_inputs(model, where)
+    _check_output_counts(model, where)
     _check_initializers(model, where)
     return model
+
+
+def _check_output_counts(model, where: str) -> None:
+    """Split's num_outputs must match its outputs: onnx's own shape inference (which TVM's
+    importer runs) aborts the process on a mismatch."""
+    for index, node in enumerate(model.graph.node):
+        if node.op_type != "Split" or node.domain not in ("", "ai.onnx"):
+            continue
+        count = next((a.i for a in node.attribute if a.name == "num_outputs"), None)
+        if count is not None and count != len(node.output):
+            label = f"Split {node.name!r}" if node.name else "Split"
+            raise ModelLoadError(f"{where}: node #{index} ({label}) has num_outputs={count} but "
+                                 f"{len(node.output)} outputs")
 
 
 def _check_initializers(model, where: str) -> None:
