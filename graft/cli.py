@@ -230,6 +230,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ids", action="store_true", help="also print the generated token ids")
     p.set_defaults(handler=_generate)
 
+    p = sub.add_parser("diff", parents=[common], help="what changed between two dumped steps")
+    p.add_argument("a", help="a dump file (dumps/016_fold_constant.py), DIR/STEP (dumps/016 or "
+                             "dumps/fold_constant), or a dump directory (its last step)")
+    p.add_argument("b", help="the same, for the later step")
+    p.add_argument("--lines", type=int, default=60, help="diff lines shown per function")
+    p.set_defaults(handler=lambda args: __import__("graft.dump_diff").dump_diff.main(
+        args.a, args.b, args.lines))
+
     p = sub.add_parser("bench", parents=[common], help="time an artifact on random inputs")
     p.add_argument("artifact")
     p.add_argument("--dim", action="append", default=[], metavar="NAME=SIZE",

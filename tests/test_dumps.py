@@ -80,3 +80,35 @@ def test_failure_message_names_passes_before_it(tiny_model):
     with pytest.raises(PassError, match="pass 'explodes' failed after CanonicalizeBindings"):
         graft.compile(tiny_model, (torch.randn(2, 8),),
                       passes=[relax.transform.CanonicalizeBindings(), Explodes()])
+
+
+def test_graft_diff_names_what_a_step_changed(tiny_model, tmp_path):
+    """Between the import and prepack_weights, the tiny model's two Linear weights ([16, 8] and
+    [4, 16], torch's [out, in]) become [in, out] copies and the transposes go away; fuse_ops
+    turns its matmul + add (+ GELU) pairs into fused functions."""
+    import subprocess
+    import sys
+
+    graft.compile(tiny_model, (torch.randn(2, 8),), dump_dir=tmp_path)
+
+    def graft_diff(a, b):
+        return subprocess.run([sys.executable, "-m", "graft.cli", "diff", str(a), str(b)],
+                              capture_output=True, text=True, timeout=300)
+
+    result = graft_diff(tmp_path / "import", tmp_path / "prepack_weights")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].endswith("000_import.py -> " + str(tmp_path / "005_prepack_weights.py"))
+    for expected in ("  - p_fc1_weight: 16x8 float32", "  - p_fc2_weight: 4x16 float32",
+                     "  + p_fc1_weight_T: 8x16 float32", "  + p_fc2_weight_T: 16x4 float32"):
+        assert expected in lines, result.stdout
+    assert any(line.split()[:4] == ["permute_dims", "2", "->", "0"] for line in lines)
+
+    fused = graft_diff(tmp_path / "fold_constant", tmp_path / "fuse_ops").stdout
+    assert "+ fused_matmul" in fused and "calls by kind" in fused
+
+    same = graft_diff(tmp_path / "000", tmp_path / "000_import.py")
+    assert same.stdout.strip().endswith("no changes")
+    missing = graft_diff(tmp_path / "999", tmp_path / "000")
+    assert missing.returncode == 2 and "no step '999'" in missing.stderr
+    assert "Traceback" not in missing.stderr
