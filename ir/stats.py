@@ -38,8 +38,8 @@ def estimate_flops(mod: tvm.IRModule, dims: dict[str, int] | None = None) -> int
     dims = dims or {}
     total = 0
     for _, func in mod.functions_items():
-        if not isinstance(func, relax.Function):
-            continue
+        if not isinstance(func, relax.Function) or _is_primitive(func):
+            continue  # a fused function counts once per call of it, where it is called
         for call in _calls(func):
             total += _call_flops(mod, call, dims)
     return int(total)
@@ -115,6 +115,11 @@ def op_flops(call: relax.Call, dims: dict) -> int:
 
 
 def _call_flops(mod, call: relax.Call, dims) -> int:
+    if isinstance(call.op, tvm.ir.GlobalVar):  # a fused (primitive) function FuseOps made
+        func = mod[call.op]
+        if isinstance(func, relax.Function) and _is_primitive(func):
+            return sum(_call_flops(mod, inner, dims) for inner in _calls(func))
+        return 0
     if not isinstance(call.op, tvm.ir.Op):
         return 0
     if call.op.name != "relax.call_tir":

@@ -112,3 +112,24 @@ def test_graft_diff_names_what_a_step_changed(tiny_model, tmp_path):
     missing = graft_diff(tmp_path / "999", tmp_path / "000")
     assert missing.returncode == 2 and "no step '999'" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_flops_count_a_fused_function_once_per_call(tmp_path):
+    """Three Linear(8, 8) of one input: after fuse_ops they are three calls of one fused
+    function; the FLOPs stay 3 x 2 x 2 x 8 x 8 through every step until `schedule`, whose
+    kernels compute whole register tiles (2 rows padded to 8, 8 columns to 32: 4096 a call)."""
+    class ThreeHeads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = (torch.nn.Linear(8, 8) for _ in range(3))
+
+        def forward(self, x):
+            return self.q(x) * self.k(x) - self.v(x)
+
+    graft.compile(ThreeHeads().eval(), (torch.randn(2, 8),), dump_dir=tmp_path)
+    records = json.loads((tmp_path / "passes.json").read_text())
+    assert "fuse_ops" in [r["pass"] for r in records]
+    scheduled = [r["pass"] for r in records].index("schedule")
+    assert {r["pass"]: r["flops"] for r in records[:scheduled]} == {
+        r["pass"]: 3 * 2 * 2 * 8 * 8 for r in records[:scheduled]}
+    assert all(r["flops"] == 3 * 2 * 8 * 32 * 8 for r in records[scheduled:])
