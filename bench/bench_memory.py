@@ -36,6 +36,7 @@ print(status("VmHWM"))
 LOAD = STATUS + """
 import sys
 import graft
+import graft.runtime.session  # TVM itself (graft imports it on first use), before the baseline
 open("/proc/self/clear_refs", "w").write("5")  # the peak starts again from here
 before = status("VmRSS")
 artifact = graft.load(sys.argv[1])

@@ -70,7 +70,7 @@ def read_manifest(path: str | os.PathLike) -> dict:
 def _check_functions(manifest: dict, manifest_path: Path) -> None:
     """The entry points' signatures are what the runtime checks inputs against: refuse any
     that is not well formed rather than fail later on a call."""
-    from graft.runtime.signature import _DIM_NAME, DTYPES, OBJECT
+    from graft.runtime.signature import DTYPES, OBJECT
 
     functions = manifest.get("functions")
     if not isinstance(functions, dict) or not functions:
@@ -89,11 +89,12 @@ def _check_functions(manifest: dict, manifest_path: Path) -> None:
                       and spec.get("dtype") in (*DTYPES, OBJECT)
                       and isinstance(spec.get("shape"), list)
                       and all((isinstance(d, int) and not isinstance(d, bool) and d >= 0)
-                              or (isinstance(d, str) and _DIM_NAME.match(d))
+                              or (isinstance(d, str) and d.strip() and d.isprintable())
                               for d in spec["shape"]))
                 if not ok:
                     raise ArtifactError(f"{where}: {part} entry {spec!r} is not a tensor spec "
-                                        "(name, a shape of sizes and dim names, a dtype graft "
+                                        "(name, a shape of sizes and symbolic dims such as "
+                                        "'batch' or 'past_len + new_tokens', a dtype graft "
                                         "knows)")
         params = sig.get("params")
         if not isinstance(params, list) or not all(isinstance(p, str) for p in params):
