@@ -64,19 +64,25 @@ def _compile_in_child(argv: list[str], args) -> int:
     with tempfile.NamedTemporaryFile("w+", prefix="graft-stage-", suffix=".txt") as stage:
         env = dict(os.environ, **{IN_CHILD: "1", progress.STAGE_FILE: stage.name,
                                   progress.PROGRESS: "1" if progress.enabled() else "0"})
+        child = subprocess.Popen([sys.executable, "-m", "graft.cli", *argv], env=env)
         try:
-            child = subprocess.run([sys.executable, "-m", "graft.cli", *argv], env=env)
-        except KeyboardInterrupt:
-            print("graft: interrupted", file=sys.stderr)
-            return 130
-        if child.returncode >= 0:
-            return child.returncode
+            returncode = child.wait()
+        except KeyboardInterrupt:  # the child got the terminal's SIGINT too, and says so
+            try:
+                returncode = child.wait(timeout=10)
+            except (subprocess.TimeoutExpired, KeyboardInterrupt):
+                child.kill()
+                returncode = 130
+            _remove_partial_artifacts(Path(args.output))
+            return 130 if returncode < 0 else returncode
+        if returncode >= 0:
+            return returncode
         stage.seek(0)
         where = stage.read().strip()
     try:
-        name = signal.Signals(-child.returncode).name
+        name = signal.Signals(-returncode).name
     except ValueError:
-        name = f"signal {-child.returncode}"
+        name = f"signal {-returncode}"
     _remove_partial_artifacts(Path(args.output))
     print(f"graft: internal error: the compiler crashed ({name}) "
           f"{f'in step {where!r}' if where else 'while starting'}: a bug in graft or in TVM, "
@@ -235,8 +241,7 @@ def _parser() -> argparse.ArgumentParser:
                              "dumps/fold_constant), or a dump directory (its last step)")
     p.add_argument("b", help="the same, for the later step")
     p.add_argument("--lines", type=int, default=60, help="diff lines shown per function")
-    p.set_defaults(handler=lambda args: __import__("graft.dump_diff").dump_diff.main(
-        args.a, args.b, args.lines))
+    p.set_defaults(handler=_diff)
 
     p = sub.add_parser("bench", parents=[common], help="time an artifact on random inputs")
     p.add_argument("artifact")
@@ -492,6 +497,12 @@ def _generate_paged(artifact, args) -> int:
     print(f"[{len(requests)} sequence{'s' if len(requests) > 1 else ''}, {tokens} tokens in "
           f"{seconds:.2f} s, {tokens / seconds:.1f} tokens/s]", file=sys.stderr)
     return 0
+
+
+def _diff(args) -> int:
+    from graft import dump_diff
+
+    return dump_diff.main(args.a, args.b, args.lines)
 
 
 def _bench(args) -> int:

@@ -27,10 +27,10 @@ def profile(function, tensors: list, repeat: int = 5) -> tuple[list[KernelTime],
     return profile_vm(vm, function.name, tensors, function._params, repeat)
 
 
-def profile_vm(vm, name: str, tensors: list, params: list,
+def profile_vm(vm, function_name: str, tensors: list, params: list,
                repeat: int = 5) -> tuple[list[KernelTime], float]:
     """`profile` on a VM of the caller's (the compiler profiles a module before it is saved)."""
-    call = vm[name]
+    call = vm[function_name]
     call(*tensors, *params)  # warm-up, untimed
     totals: dict[str, list] = {}
     started: list = []
