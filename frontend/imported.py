@@ -22,6 +22,9 @@ class FunctionSignature:
     # EarlyExit: {"exits": [layer, ...]}; the compiled function then returns its exit's index
     # after the outputs (the runtime strips it and counts exits)
     early_exit: dict | None = None
+    # inputs the model divides by (a Slice's steps, an integer Div's divisor), with why: the
+    # runtime refuses a zero in them, which would end the process in the compiled code (SIGFPE)
+    nonzero_inputs: dict | None = None
 
     def to_json(self) -> dict:
         out = {"inputs": [s.to_json() for s in self.inputs],
@@ -29,6 +32,8 @@ class FunctionSignature:
                "params": list(self.params)}
         if self.early_exit is not None:
             out["early_exit"] = dict(self.early_exit)
+        if self.nonzero_inputs:
+            out["nonzero_inputs"] = dict(self.nonzero_inputs)
         return out
 
 

@@ -193,8 +193,27 @@ def import_onnx(model, input_specs=None, *, converters=None) -> ImportedModel:
     sig = signatures["main"]
     for spec, given in zip(sig.inputs, specs):  # keep the user's dim names and dtypes
         spec.shape, spec.dtype = list(given.shape), given.dtype
+    sig.nonzero_inputs = _divisor_inputs(model, specs) or None
     return ImportedModel(mod, params, signatures, source={"frontend": "onnx", "opset": opset,
                                                           "ir_version": model.ir_version})
+
+
+def _divisor_inputs(model, specs: list[TensorSpec]) -> dict[str, str]:
+    """Graph inputs that the model divides by as they are: a Slice's steps, the divisor of an
+    integer Div or Mod. {input name: the node that divides by it}."""
+    integer = {s.name for s in specs if s.dtype.startswith(("int", "uint"))}
+    found = {}
+    for index, node in enumerate(model.graph.node):
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        position = {"Slice": 4, "Div": 1, "Mod": 1}.get(node.op_type)
+        if position is None or len(node.input) <= position:
+            continue
+        name = node.input[position]
+        if name in integer:
+            role = "steps" if node.op_type == "Slice" else "divisor"
+            found.setdefault(name, f"the {role} of node #{index} ({node.op_type})")
+    return found
 
 
 def op_key(node) -> str:

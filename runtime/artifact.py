@@ -99,6 +99,10 @@ def _check_functions(manifest: dict, manifest_path: Path) -> None:
         params = sig.get("params")
         if not isinstance(params, list) or not all(isinstance(p, str) for p in params):
             raise ArtifactError(f"{where} has no list of parameter names")
+        nonzero = sig.get("nonzero_inputs", {})
+        if not isinstance(nonzero, dict) or not all(isinstance(v, str) for v in nonzero.values()):
+            raise ArtifactError(f"{where}: \"nonzero_inputs\" is not an object of input names "
+                                "and reasons")
 
 
 def _inside(real_root: Path, name: str, manifest_path: Path) -> Path:

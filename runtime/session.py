@@ -152,6 +152,7 @@ class Function:
         # (the last count: calls that ran the whole model)
         self.exit_layers = list(signature.get("early_exit", {}).get("exits", []))
         self.exit_counts = [0] * (len(self.exit_layers) + 1) if self.exit_layers else []
+        self.nonzero_inputs = dict(signature.get("nonzero_inputs") or {})
         self._counting = threading.Lock()  # calls from several threads count every exit
 
     def __str__(self) -> str:
@@ -231,6 +232,10 @@ class Function:
             if dtype != spec.dtype:
                 raise RuntimeInputError(f"input {spec.name!r}: expected dtype {spec.dtype}, got "
                                         f"{dtype}")
+            if spec.name in self.nonzero_inputs and not np.all(array):
+                raise RuntimeInputError(f"input {spec.name!r} holds a zero, but it is "
+                                        f"{self.nonzero_inputs[spec.name]}, which must not be "
+                                        "zero")
             shape = tuple(int(d) for d in array.shape)
             if len(shape) != len(spec.shape):
                 raise RuntimeInputError(f"input {spec.name!r}: expected shape {spec.shape_text()} "
