@@ -309,7 +309,7 @@ MUTATIONS = {"input_dim": _input_dim, "input_rank": _input_rank, "input_dtype": 
 MODEL_MUTATIONS = list(MUTATIONS) + ["bytes"]
 
 
-def mutate_pt2(data: bytes, rng: random.Random, scratch: Path) -> tuple[bytes, list[str]]:
+def mutate_pt2(data: bytes, rng: random.Random) -> tuple[bytes, list[str]]:
     import io
     import zipfile
 
@@ -537,7 +537,7 @@ def make_cases(count: int, seed: int, workdir: Path) -> list[dict]:
             kind = "onnx"
         elif roll < 0.9:
             name = "mlp"
-            data, done = mutate_pt2(pt2, rng, case_dir)
+            data, done = mutate_pt2(pt2, rng)
             path = case_dir / "mlp.pt2"
             kind = "pt2"
         else:

@@ -523,14 +523,9 @@ def _bench(args) -> int:
         raise GraftError(f"{function.name} takes a paged KV cache, which random inputs cannot "
                          "stand in for; time generation with graft.runtime.engine.Engine "
                          "(bench/bench_kv.py does)")
-    rng = np.random.default_rng(0)
-    inputs = []
-    for spec in function.inputs:
-        shape = [d if isinstance(d, int) else dims.get(d, 1) for d in spec.shape]
-        if spec.dtype.startswith("int"):
-            inputs.append(rng.integers(0, 2, shape).astype(spec.dtype))
-        else:
-            inputs.append(rng.standard_normal(shape).astype(spec.dtype))
+    from graft.runtime.signature import random_inputs
+
+    inputs = random_inputs(function.inputs, dims)
     tensors = function.check_inputs(inputs)
     if args.compare:
         _bench_against(args, function, inputs, tensors)

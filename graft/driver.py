@@ -275,6 +275,7 @@ def _kernel_times(executable, params: dict, state: CompileState, target, repeat:
     this host can run the code; else why not."""
     from graft.codegen.target import host_cpu_target
     from graft.runtime.profile import profile_vm
+    from graft.runtime.signature import random_inputs
 
     mcpu = str(target.attrs.get("mcpu", "")) if target.kind.name == "llvm" else None
     if mcpu is None or mcpu not in ("", host_cpu_target()["mcpu"]):
@@ -290,17 +291,10 @@ def _kernel_times(executable, params: dict, state: CompileState, target, repeat:
                 times[name] = {"skipped": "takes a paged KV cache, which random inputs cannot "
                                           "stand in for"}
                 continue
-            rng = np.random.default_rng(0)
-            dims, tensors = {}, []
-            for spec in sig.inputs:
-                shape = []
-                for dim in spec.shape:
-                    if not isinstance(dim, int):
-                        dims[dim] = state.flops_dims.get(dim, 1)
-                    shape.append(dim if isinstance(dim, int) else dims[dim])
-                value = (rng.integers(0, 2, shape) if spec.dtype.startswith(("int", "uint"))
-                         else rng.standard_normal(shape)).astype(spec.dtype)
-                tensors.append(tvm.runtime.tensor(value, device))
+            dims = {d: state.flops_dims.get(d, 1) for spec in sig.inputs for d in spec.shape
+                    if not isinstance(d, int)}
+            tensors = [tvm.runtime.tensor(value, device)
+                       for value in random_inputs(sig.inputs, dims)]
             try:
                 kernels, run_ms = profile_vm(vm, name, tensors, [
                     tvm.runtime.tensor(np.ascontiguousarray(params[p]), device)

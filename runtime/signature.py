@@ -73,3 +73,17 @@ def parse_spec(text: str) -> TensorSpec:
         raise InputSpecError(f"bad dtype {dtype!r} in input spec {text!r}: expected one of "
                              f"{', '.join(DTYPES)}")
     return TensorSpec(parts[0], parse_shape(parts[1]), dtype)
+
+
+def random_inputs(specs: list, dims: dict, seed: int = 0) -> list:
+    """Arrays for `specs` to time or profile a function with: integers 0 or 1 (valid indices
+    and masks), floats standard normal; a symbolic dim takes its size from `dims`, else 1."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for spec in specs:
+        shape = [d if isinstance(d, int) else dims.get(d, 1) for d in spec.shape]
+        arrays.append((rng.integers(0, 2, shape) if spec.dtype.startswith(("int", "uint"))
+                       else rng.standard_normal(shape)).astype(spec.dtype))
+    return arrays

