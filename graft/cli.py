@@ -201,6 +201,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--exit-confidence", choices=["max_prob", "entropy"], default="max_prob",
                    help="the confidence test: largest softmax probability, or 1 - normalized "
                         "entropy")
+    e.add_argument("--speculative", metavar="auto|K",
+                   help="causal LMs: early-exit self-speculative decoding. auto measures on "
+                        "--calibration text (an .npz of input_ids) how often the model's head "
+                        "after each layer predicts its next token and compiles a draft of the "
+                        "first K layers only where that predicts a speedup; K compiles that "
+                        "draft regardless. `graft generate` then drafts, verifies and adapts "
+                        "(the tokens are those of plain greedy decoding)")
     k = p.add_argument_group("KV sharing (causal LMs with --kv-cache paged)")
     k.add_argument("--share-kv", metavar="perplexity<=RATIO",
                    help="layers read an earlier layer's K/V, so the paged cache holds fewer "
@@ -234,6 +241,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling cut (paged)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (paged)")
     p.add_argument("--ids", action="store_true", help="also print the generated token ids")
+    p.add_argument("--speculative", choices=("auto", "on", "off"), default="auto",
+                   help="artifacts compiled with --speculative: draft and verify (on), decode "
+                        "plainly (off), or as the compile's calibration decided (auto)")
     p.set_defaults(handler=_generate)
 
     p = sub.add_parser("diff", parents=[common], help="what changed between two dumped steps")
@@ -297,10 +307,15 @@ def _compile(args) -> int:
                                  smooth_alpha=None if alpha == "none" else alpha,
                                  activations=args.activations))
     elif args.budget or (args.calibration and not (args.sparsify or args.share_kv
-                                                   or args.early_exit)):
+                                                   or args.early_exit or args.speculative)):
         raise GraftError("--budget and --calibration go with a pass that uses them "
-                         "(--quantize, or --sparsify, --early-exit or --share-kv for "
-                         "--calibration)")
+                         "(--quantize, or --sparsify, --early-exit, --share-kv or "
+                         "--speculative for --calibration)")
+    speculative = args.speculative
+    if speculative is not None and speculative != "auto":
+        if not speculative.isdigit() or int(speculative) < 1:
+            raise GraftError(f"--speculative {speculative!r}: expected auto or a layer count")
+        speculative = int(speculative)
     if args.early_exit:
         from graft import passes as P
 
@@ -318,7 +333,8 @@ def _compile(args) -> int:
     compiled = graft.compile(args.model, input_specs=args.input or None, target=target,
                              dump_dir=args.dump_dir, max_seq_len=args.max_seq_len,
                              passes=passes, calibration=calibration, scores=args.scores,
-                             tune=args.tune, tune_dir=args.tune_dir, kv_cache=args.kv_cache)
+                             tune=args.tune, tune_dir=args.tune_dir, kv_cache=args.kv_cache,
+                             speculative=speculative)
     path = compiled.save(args.output)
     print(f"wrote {path}")
     for name, sig in compiled.signatures.items():
@@ -463,13 +479,20 @@ def _generate(args) -> int:
                          "--kv-cache paged; this one passes its cache as tensors (greedy, one "
                          "prompt)")
     generator = Generator(artifact)
+    speculative = {"auto": None, "on": True, "off": False}[args.speculative]
     result = generator.generate(args.prompt[0], max_new_tokens=args.max_new_tokens,
-                                on_token=lambda text: print(text, end="", flush=True))
+                                on_token=lambda text: print(text, end="", flush=True),
+                                speculative=speculative)
     print()
     if args.ids:
         print("ids:", " ".join(map(str, result.token_ids)))
+    drafted = ""
+    if result.speculative is not None:
+        run = result.speculative
+        drafted = (f", {run.rounds} draft rounds (acceptance {run.acceptance:.2f}), "
+                   f"{run.plain_steps} plain steps")
     print(f"[{len(result.token_ids)} tokens, prefill {result.prefill_seconds * 1e3:.0f} ms, "
-          f"{result.decode_tokens_per_second:.1f} tokens/s]", file=sys.stderr)
+          f"{result.decode_tokens_per_second:.1f} tokens/s{drafted}]", file=sys.stderr)
     return 0
 
 

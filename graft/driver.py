@@ -46,7 +46,7 @@ def compile(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None
             target="cpu", passes=(), calibration=None, dump_dir=None, converters=None,
             task: str | None = None, max_seq_len: int | None = None,
             scores: bool = False, tune: int | None = None, tune_dir=None,
-            kv_cache: str = "explicit") -> CompiledModel:
+            kv_cache: str = "explicit", speculative=None) -> CompiledModel:
     """Compile `model` for `target`.
 
     model: torch.nn.Module (with example_inputs), torch.export.ExportedProgram, a path to a
@@ -69,6 +69,12 @@ def compile(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None
         `runtime.generate.Generator`) or "paged" (TVM's paged KV cache, owned by the runtime:
         prefill/decode/batch_decode for `runtime.engine.Engine`, several sequences at once;
         see passes/paged_kv.py). CPU only.
+    speculative: causal LMs, explicit cache: early-exit self-speculative decoding. "auto"
+        measures on `calibration` (token id sequences) how often the model's head after each
+        layer predicts its greedy token, and compiles a `draft` function (the first k layers
+        and the head) only where that predicts a speedup; an int compiles a draft of that
+        many layers regardless. The choice, with the acceptance by layer, is in the manifest
+        (model.causal_lm.speculative); runtime/speculative.py decodes with it.
     tune: CPU: MetaSchedule trials per kernel with static shapes (see codegen/tune.py); a
         tuned kernel replaces graft's own only where it measured faster. 0 applies the
         records in `tune_dir` (default $GRAFT_TUNE_DIR or ~/.cache/graft/tuning) without
@@ -79,13 +85,18 @@ def compile(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None
     if kv_cache == "paged" and tvm_target.kind.name != "llvm":  # before minutes of importing
         raise GraftError(f"kv_cache='paged' builds CPU attention kernels; the target is "
                          f"{tvm_target.kind.name} (use kv_cache='explicit' there)")
+    if speculative is not None and kv_cache == "paged":
+        raise GraftError("speculative decoding drafts on the explicit cache (kv_cache="
+                         "'explicit'); the paged engine does not draft")
+    calibration = list(calibration) if calibration is not None else None
     dumper = DumpInstrument(dump_dir) if dump_dir is not None else None
     if isinstance(model, ImportedModel):  # imported once, compiled for several targets
         imported = model
     else:
         imported = import_model(model, example_inputs, dynamic_shapes=dynamic_shapes,
                                 input_specs=input_specs, converters=converters, task=task,
-                                max_seq_len=max_seq_len, scores=scores)
+                                max_seq_len=max_seq_len, scores=scores,
+                                speculative=speculative, calibration=calibration)
     # passes rewrite parameters and signatures: the imported model itself stays as it was
     state = CompileState(imported.mod, dict(imported.params),
                          {name: copy.deepcopy(sig) for name, sig in imported.signatures.items()},
@@ -137,7 +148,8 @@ def compile(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None
 
 
 def import_model(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None,
-                 converters=None, task=None, max_seq_len=None, scores=False) -> ImportedModel:
+                 converters=None, task=None, max_seq_len=None, scores=False,
+                 speculative=None, calibration=None) -> ImportedModel:
     """Dispatch to the right frontend; see `compile` for what `model` may be."""
     kind = _model_kind(model, task)
     with progress.step(f"importing {_describe(model)} ({kind})"):
@@ -151,7 +163,11 @@ def import_model(model, example_inputs=None, *, dynamic_shapes=None, input_specs
             from graft.frontend.causal_lm import import_causal_lm
 
             return import_causal_lm(model, max_seq_len=max_seq_len, converters=converters,
-                                    scores=scores)
+                                    scores=scores, speculative=speculative,
+                                    calibration=calibration)
+        if speculative is not None:
+            raise GraftError("speculative decoding is for causal language models (a .gguf "
+                             "file, a Hugging Face directory or *ForCausalLM model)")
         from graft.frontend import torch_frontend as tf
 
         if kind == "pt2":

@@ -29,6 +29,7 @@ class GenerationResult:
     prompt_ids: list[int] = field(default_factory=list)
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    speculative: object = None  # runtime.speculative.SpeculativeStats, when it drafted
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -83,9 +84,17 @@ class Generator(ArtifactText):
         return (tvm.runtime.tensor(empty, self.artifact.device),
                 tvm.runtime.tensor(empty, self.artifact.device))
 
-    def generate(self, prompt, max_new_tokens: int = 32, on_token=None) -> GenerationResult:
+    @property
+    def can_speculate(self) -> bool:
+        return "draft" in self.artifact.functions and "score" in self.artifact.functions
+
+    def generate(self, prompt, max_new_tokens: int = 32, on_token=None,
+                 speculative: bool | None = None, **speculative_options) -> GenerationResult:
         """Greedy decoding. `prompt` is text or a list of token ids; `on_token(text)` receives
-        each new piece of text as it is generated."""
+        each new piece of text as it is generated. `speculative`: draft with the artifact's
+        first layers and verify (runtime/speculative.py; the same tokens); by default when
+        the artifact was compiled with a draft that calibration enabled. Options:
+        max_draft_tokens, adapt (False: always draft max_draft_tokens)."""
         prompt_ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not prompt_ids:
             raise RuntimeInputError("the prompt is empty")
@@ -109,21 +118,47 @@ class Generator(ArtifactText):
         prefill_seconds = time.perf_counter() - start
         generated: list[int] = []
         shown = ""
-        start = time.perf_counter()
-        while True:
-            token = int(np.argmax(logits.numpy()[0]))
+
+        def emit(token: int) -> bool:
+            nonlocal shown
             generated.append(token)
             if on_token is not None:
                 text = self.decode_text(generated)
                 on_token(text[len(shown):])
                 shown = text
-            if token in self.eos_token_ids or len(generated) >= max_new_tokens:
-                break
-            ids = tvm.runtime.tensor(np.array([[token]], np.int64), device)
-            position = len(prompt_ids) + len(generated) - 1
-            positions = tvm.runtime.tensor(np.array([[position]], np.int64), device)
-            logits, past_k, past_v = self.decode.run_tvm(ids, positions, past_k, past_v)
+            return token not in self.eos_token_ids and len(generated) < max_new_tokens
+
+        if speculative is None:
+            speculative = self.can_speculate and bool(
+                self.config.get("speculative", {}).get("enabled"))
+        if speculative and not self.can_speculate:
+            raise ArtifactError(f"{self.artifact.path} has no draft: compile it with "
+                                "speculative=... (graft compile --speculative)")
+        stats = None
+        start = time.perf_counter()
+        token = int(np.argmax(logits.numpy()[0]))
+        if emit(token):
+            if speculative:
+                from graft.runtime.speculative import SpeculativeDecoder
+
+                decoder = SpeculativeDecoder(self, **speculative_options)
+                decoder.continue_greedy(token, len(prompt_ids), past_k, past_v, emit)
+                stats = decoder.stats
+            else:
+                self._plain_greedy(token, len(prompt_ids), past_k, past_v, emit)
         decode_seconds = time.perf_counter() - start
         text = self.decode_text(generated) if self._tokenizer is not None or isinstance(
             prompt, str) else ""
-        return GenerationResult(generated, text, prompt_ids, prefill_seconds, decode_seconds)
+        return GenerationResult(generated, text, prompt_ids, prefill_seconds, decode_seconds,
+                                stats)
+
+    def _plain_greedy(self, token: int, position: int, past_k, past_v, emit) -> None:
+        device = self.artifact.device
+        while True:
+            ids = tvm.runtime.tensor(np.array([[token]], np.int64), device)
+            positions = tvm.runtime.tensor(np.array([[position]], np.int64), device)
+            logits, past_k, past_v = self.decode.run_tvm(ids, positions, past_k, past_v)
+            token = int(np.argmax(logits.numpy()[0]))
+            position += 1
+            if not emit(token):
+                return
