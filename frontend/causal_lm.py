@@ -125,10 +125,13 @@ def cache_config(model) -> dict:
 
 
 def import_causal_lm(source, *, max_seq_len=None, converters=None, scores: bool = False,
-                     speculative=None, calibration=None) -> ImportedModel:
+                     speculative=None, token_exit=None, calibration=None) -> ImportedModel:
     """`speculative`: "auto" (draft depth and length chosen on `calibration`, token id
     sequences; no draft when it predicts no speedup) or a draft depth k (always compiled; the
-    draft length is chosen on `calibration` when given). See passes/early_exit/speculative.py."""
+    draft length is chosen on `calibration` when given). See passes/early_exit/speculative.py.
+    `token_exit`: a top-1 agreement budget ("top1>=0.98"), optionally with the exit layer
+    ("top1>=0.98@24"): per-token exit, its threshold calibrated on `calibration`; see
+    passes/early_exit/token_exit.py."""
     import torch
 
     from graft.frontend import torch_frontend as tf
@@ -176,15 +179,21 @@ def import_causal_lm(source, *, max_seq_len=None, converters=None, scores: bool 
         imported.signatures["score"] = sig
     if choice is not None and choice["enabled"]:
         add_draft(imported, model, choice["draft_layers"], converters)
-    for sig in imported.signatures.values():
-        for spec, name_ in zip(sig.outputs, ("logits", "new_k", "new_v")):
-            spec.name = name_
+    exit_choice = _token_exit(model, token_exit, calibration)
+    if exit_choice is not None:
+        add_token_exit(imported, model, exit_choice["layer"], converters)
+    for function, sig in imported.signatures.items():
+        if not function.startswith("exit_"):  # those name their own outputs
+            for spec, name_ in zip(sig.outputs, ("logits", "new_k", "new_v")):
+                spec.name = name_
     eos = getattr(model.generation_config, "eos_token_id", None) or model.config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])
     imported.source = {"frontend": "torch.export", "model": name,
                        "architecture": type(model).__name__,
                        "causal_lm": {**cache, "max_seq_len": max_seq_len,
                                      "eos_token_ids": [int(e) for e in eos]}}
+    if exit_choice is not None:
+        imported.source["causal_lm"]["token_exit"] = exit_choice
     if choice is not None:
         imported.source["causal_lm"]["speculative"] = choice
         if choice["enabled"]:
@@ -228,6 +237,74 @@ def _speculation(model, speculative, calibration) -> dict | None:
     else:
         progress.note(f"self-speculative decoding: {summary}")
     return choice
+
+
+def _token_exit(model, token_exit, calibration) -> dict | None:
+    from graft import progress
+    from graft.passes.early_exit import token_exit as calm
+
+    if token_exit is None:
+        return None
+    budget, _, layer = str(token_exit).partition("@")
+    if layer and not layer.isdigit():
+        raise GraftError(f"token_exit {token_exit!r}: expected BUDGET or BUDGET@LAYER, e.g. "
+                         "top1>=0.98@24")
+    sequences = token_sequences(calibration)
+    if not sequences:
+        raise GraftError("token_exit calibrates its threshold on text: give token id sequences "
+                         "(calibration=[ids, ...], or --calibration with an input_ids array)")
+    count = sum(len(s) for s in sequences)
+    with progress.step(f"calibrating the per-token exit on {count} tokens"):
+        choice = calm.calibrate(model, sequences, budget, int(layer) if layer else None)
+    progress.note(f"per-token exit after layer {choice['layer']}, threshold "
+                  f"{choice['threshold']:.3f}: {choice['exit_rate']:.1%} of calibration "
+                  f"tokens exit, agreement {choice['agreement']:.4f}, predicted step time "
+                  f"{1 / choice['predicted_speedup']:.2f}x the full model's"
+                  + (" (slower: too few tokens exit to pay for the exit head)"
+                     if choice["predicted_speedup"] < 1 else ""))
+    return choice
+
+
+def add_token_exit(imported: ImportedModel, model, layer: int, converters=None) -> None:
+    """Add exit_lower, exit_upper and exit_skip (frontend/layer_split.py) at `layer`."""
+    import torch
+
+    from graft.frontend import layer_split
+    from graft.frontend import torch_frontend as tf
+
+    cache = cache_config(model)
+    heads, head_dim, total = cache["num_kv_heads"], cache["head_dim"], cache["num_layers"]
+    dyn = torch.export.Dim.DYNAMIC
+
+    def past(count):
+        return torch.zeros(count, 1, heads, 3, head_dim)
+
+    hidden = torch.zeros(1, int(model.config.hidden_size))
+    position = torch.tensor([[3]])
+    examples = {"exit_lower": (torch.ones(1, 1, dtype=torch.long), position, past(layer),
+                               past(layer)),
+                "exit_upper": (hidden, position, past(total - layer), past(total - layer)),
+                "exit_skip": (hidden, position, past(total - layer), past(total - layer))}
+    for name, module in layer_split.wrappers(model, layer).items():
+        first = "input_ids" if name == "exit_lower" else "hidden"
+        ep = tf.export_module(module, examples[name],
+                              {first: None, "position_ids": None, "past_k": {3: dyn},
+                               "past_v": {3: dyn}})
+        part = tf.import_exported_program(ep, converters=converters, function_name=name)
+        sig = part.signatures[name]
+        # past_k and past_v may carry two symbols (exit_skip never relates them): one name
+        rename_dims(sig, {str(sig.inputs[2].shape[3]): "past_len",
+                          str(sig.inputs[3].shape[3]): "past_len"})
+        extra = [p for p in sig.params if p not in imported.params]
+        if extra:
+            raise GraftError(f"the {name} function's weights are not the model's: {extra[:3]}")
+        outputs = {"exit_lower": ("logits", "hidden", "new_k", "new_v"),
+                   "exit_upper": ("logits", "new_k", "new_v"),
+                   "exit_skip": ("new_k", "new_v")}[name]
+        for spec, output in zip(sig.outputs, outputs):
+            spec.name = output
+        imported.mod[name] = part.mod[name]
+        imported.signatures[name] = sig
 
 
 def token_sequences(calibration) -> list:

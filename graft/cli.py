@@ -208,6 +208,12 @@ def _parser() -> argparse.ArgumentParser:
                         "first K layers only where that predicts a speedup; K compiles that "
                         "draft regardless. `graft generate` then drafts, verifies and adapts "
                         "(the tokens are those of plain greedy decoding)")
+    e.add_argument("--token-exit", metavar="top1>=AGREEMENT[@LAYER]",
+                   help="causal LMs: per-token early exit (CALM-style): after LAYER (default: "
+                        "chosen), a token whose head probability reaches a threshold "
+                        "calibrated on --calibration text skips the remaining layers, which "
+                        "get its K/V from the exiting hidden state; the top-1 agreement with "
+                        "the full model is the budget")
     k = p.add_argument_group("KV sharing (causal LMs with --kv-cache paged)")
     k.add_argument("--share-kv", metavar="perplexity<=RATIO",
                    help="layers read an earlier layer's K/V, so the paged cache holds fewer "
@@ -244,6 +250,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative", choices=("auto", "on", "off"), default="auto",
                    help="artifacts compiled with --speculative: draft and verify (on), decode "
                         "plainly (off), or as the compile's calibration decided (auto)")
+    p.add_argument("--token-exit", choices=("auto", "off"), default="auto",
+                   help="artifacts compiled with --token-exit: exit per token (auto) or run "
+                        "every layer (off)")
     p.set_defaults(handler=_generate)
 
     p = sub.add_parser("diff", parents=[common], help="what changed between two dumped steps")
@@ -307,10 +316,11 @@ def _compile(args) -> int:
                                  smooth_alpha=None if alpha == "none" else alpha,
                                  activations=args.activations))
     elif args.budget or (args.calibration and not (args.sparsify or args.share_kv
-                                                   or args.early_exit or args.speculative)):
+                                                   or args.early_exit or args.speculative
+                                                   or args.token_exit)):
         raise GraftError("--budget and --calibration go with a pass that uses them "
-                         "(--quantize, or --sparsify, --early-exit, --share-kv or "
-                         "--speculative for --calibration)")
+                         "(--quantize, or --sparsify, --early-exit, --share-kv, "
+                         "--speculative or --token-exit for --calibration)")
     speculative = args.speculative
     if speculative is not None and speculative != "auto":
         if not speculative.isdigit() or int(speculative) < 1:
@@ -334,7 +344,7 @@ def _compile(args) -> int:
                              dump_dir=args.dump_dir, max_seq_len=args.max_seq_len,
                              passes=passes, calibration=calibration, scores=args.scores,
                              tune=args.tune, tune_dir=args.tune_dir, kv_cache=args.kv_cache,
-                             speculative=speculative)
+                             speculative=speculative, token_exit=args.token_exit)
     path = compiled.save(args.output)
     print(f"wrote {path}")
     for name, sig in compiled.signatures.items():
@@ -482,7 +492,8 @@ def _generate(args) -> int:
     speculative = {"auto": None, "on": True, "off": False}[args.speculative]
     result = generator.generate(args.prompt[0], max_new_tokens=args.max_new_tokens,
                                 on_token=lambda text: print(text, end="", flush=True),
-                                speculative=speculative)
+                                speculative=speculative,
+                                token_exit=False if args.token_exit == "off" else None)
     print()
     if args.ids:
         print("ids:", " ".join(map(str, result.token_ids)))
@@ -491,6 +502,9 @@ def _generate(args) -> int:
         run = result.speculative
         drafted = (f", {run.rounds} draft rounds (acceptance {run.acceptance:.2f}), "
                    f"{run.plain_steps} plain steps")
+    if result.token_exit is not None:
+        drafted += (f", {result.token_exit.exits} of {result.token_exit.steps} steps exited "
+                    f"after layer {result.token_exit.layer}")
     print(f"[{len(result.token_ids)} tokens, prefill {result.prefill_seconds * 1e3:.0f} ms, "
           f"{result.decode_tokens_per_second:.1f} tokens/s{drafted}]", file=sys.stderr)
     return 0

@@ -46,7 +46,7 @@ def compile(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None
             target="cpu", passes=(), calibration=None, dump_dir=None, converters=None,
             task: str | None = None, max_seq_len: int | None = None,
             scores: bool = False, tune: int | None = None, tune_dir=None,
-            kv_cache: str = "explicit", speculative=None) -> CompiledModel:
+            kv_cache: str = "explicit", speculative=None, token_exit=None) -> CompiledModel:
     """Compile `model` for `target`.
 
     model: torch.nn.Module (with example_inputs), torch.export.ExportedProgram, a path to a
@@ -75,6 +75,11 @@ def compile(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None
         and the head) only where that predicts a speedup; an int compiles a draft of that
         many layers regardless. The choice, with the acceptance by layer, is in the manifest
         (model.causal_lm.speculative); runtime/speculative.py decodes with it.
+    token_exit: causal LMs, explicit cache: per-token early exit (CALM-style) within a top-1
+        agreement budget, "top1>=0.98" (the exit layer chosen on `calibration`) or
+        "top1>=0.98@24" (after layer 24): adds exit_lower/exit_upper/exit_skip and records
+        the layer and threshold in model.causal_lm.token_exit; runtime/token_exit.py decodes
+        with it (passes/early_exit/token_exit.py).
     tune: CPU: MetaSchedule trials per kernel with static shapes (see codegen/tune.py); a
         tuned kernel replaces graft's own only where it measured faster. 0 applies the
         records in `tune_dir` (default $GRAFT_TUNE_DIR or ~/.cache/graft/tuning) without
@@ -88,6 +93,9 @@ def compile(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None
     if speculative is not None and kv_cache == "paged":
         raise GraftError("speculative decoding drafts on the explicit cache (kv_cache="
                          "'explicit'); the paged engine does not draft")
+    if token_exit is not None and kv_cache == "paged":
+        raise GraftError("per-token exit runs on the explicit cache (kv_cache='explicit'); "
+                         "the paged engine does not exit early")
     calibration = list(calibration) if calibration is not None else None
     dumper = DumpInstrument(dump_dir) if dump_dir is not None else None
     if isinstance(model, ImportedModel):  # imported once, compiled for several targets
@@ -96,7 +104,8 @@ def compile(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None
         imported = import_model(model, example_inputs, dynamic_shapes=dynamic_shapes,
                                 input_specs=input_specs, converters=converters, task=task,
                                 max_seq_len=max_seq_len, scores=scores,
-                                speculative=speculative, calibration=calibration)
+                                speculative=speculative, token_exit=token_exit,
+                                calibration=calibration)
     # passes rewrite parameters and signatures: the imported model itself stays as it was
     state = CompileState(imported.mod, dict(imported.params),
                          {name: copy.deepcopy(sig) for name, sig in imported.signatures.items()},
@@ -149,7 +158,7 @@ def compile(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None
 
 def import_model(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None,
                  converters=None, task=None, max_seq_len=None, scores=False,
-                 speculative=None, calibration=None) -> ImportedModel:
+                 speculative=None, token_exit=None, calibration=None) -> ImportedModel:
     """Dispatch to the right frontend; see `compile` for what `model` may be."""
     kind = _model_kind(model, task)
     with progress.step(f"importing {_describe(model)} ({kind})"):
@@ -164,10 +173,11 @@ def import_model(model, example_inputs=None, *, dynamic_shapes=None, input_specs
 
             return import_causal_lm(model, max_seq_len=max_seq_len, converters=converters,
                                     scores=scores, speculative=speculative,
-                                    calibration=calibration)
-        if speculative is not None:
-            raise GraftError("speculative decoding is for causal language models (a .gguf "
-                             "file, a Hugging Face directory or *ForCausalLM model)")
+                                    token_exit=token_exit, calibration=calibration)
+        if speculative is not None or token_exit is not None:
+            raise GraftError("speculative decoding and per-token exit are for causal language "
+                             "models (a .gguf file, a Hugging Face directory or *ForCausalLM "
+                             "model)")
         from graft.frontend import torch_frontend as tf
 
         if kind == "pt2":

@@ -30,6 +30,7 @@ class GenerationResult:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     speculative: object = None  # runtime.speculative.SpeculativeStats, when it drafted
+    token_exit: object = None   # runtime.token_exit.TokenExitDecoder (steps, exits, exit_rate)
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -76,6 +77,7 @@ class Generator(ArtifactText):
         self.eos_token_ids = set(config.get("eos_token_ids", []))
         self.max_seq_len = int(config["max_seq_len"])
         self._tokenizer = tokenizer
+        self._speculative = {}  # options -> SpeculativeDecoder
 
     def empty_cache(self):
         c = self.config
@@ -88,13 +90,20 @@ class Generator(ArtifactText):
     def can_speculate(self) -> bool:
         return "draft" in self.artifact.functions and "score" in self.artifact.functions
 
+    @property
+    def can_exit(self) -> bool:
+        return "exit_lower" in self.artifact.functions
+
     def generate(self, prompt, max_new_tokens: int = 32, on_token=None,
-                 speculative: bool | None = None, **speculative_options) -> GenerationResult:
+                 speculative: bool | None = None, token_exit: bool | None = None,
+                 **speculative_options) -> GenerationResult:
         """Greedy decoding. `prompt` is text or a list of token ids; `on_token(text)` receives
         each new piece of text as it is generated. `speculative`: draft with the artifact's
         first layers and verify (runtime/speculative.py; the same tokens); by default when
         the artifact was compiled with a draft that calibration enabled. Options:
-        max_draft_tokens, adapt (False: always draft max_draft_tokens)."""
+        max_draft_tokens, adapt (False: always draft max_draft_tokens). `token_exit`: per-token
+        early exit (runtime/token_exit.py; tokens within the compile's agreement budget); by
+        default when the artifact has it and does not speculate."""
         prompt_ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not prompt_ids:
             raise RuntimeInputError("the prompt is empty")
@@ -109,6 +118,20 @@ class Generator(ArtifactText):
             raise RuntimeInputError(
                 f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
                 f"the artifact's max_seq_len {self.max_seq_len}")
+        if speculative is None:
+            speculative = self.can_speculate and bool(
+                self.config.get("speculative", {}).get("enabled"))
+        if token_exit is None:
+            token_exit = self.can_exit and not speculative
+        if token_exit and speculative:
+            raise RuntimeInputError("speculative decoding and per-token exit are two ways to "
+                                    "decode: ask for one")
+        if speculative and not self.can_speculate:
+            raise ArtifactError(f"{self.artifact.path} has no draft: compile it with "
+                                "speculative=... (graft compile --speculative)")
+        if token_exit and not self.can_exit:
+            raise ArtifactError(f"{self.artifact.path} has no per-token exit: compile it with "
+                                "token_exit=... (graft compile --token-exit)")
         device = self.artifact.device
         past_k, past_v = self.empty_cache()
         start = time.perf_counter()
@@ -128,29 +151,34 @@ class Generator(ArtifactText):
                 shown = text
             return token not in self.eos_token_ids and len(generated) < max_new_tokens
 
-        if speculative is None:
-            speculative = self.can_speculate and bool(
-                self.config.get("speculative", {}).get("enabled"))
-        if speculative and not self.can_speculate:
-            raise ArtifactError(f"{self.artifact.path} has no draft: compile it with "
-                                "speculative=... (graft compile --speculative)")
-        stats = None
+        stats = exiting = None
         start = time.perf_counter()
         token = int(np.argmax(logits.numpy()[0]))
         if emit(token):
-            if speculative:
-                from graft.runtime.speculative import SpeculativeDecoder
+            if token_exit:
+                from graft.runtime.token_exit import TokenExitDecoder
 
-                decoder = SpeculativeDecoder(self, **speculative_options)
+                decoder = TokenExitDecoder(self)
                 decoder.continue_greedy(token, len(prompt_ids), past_k, past_v, emit)
-                stats = decoder.stats
+                exiting = decoder
+            elif speculative:
+                from graft.runtime.speculative import SpeculativeDecoder, SpeculativeStats
+
+                key = tuple(sorted(speculative_options.items()))
+                decoder = self._speculative.get(key)
+                if decoder is None:  # kept: its timings and acceptance carry over
+                    decoder = self._speculative[key] = SpeculativeDecoder(
+                        self, **speculative_options)
+                decoder.stats = stats = SpeculativeStats()
+                decoder.continue_greedy(token, len(prompt_ids), past_k, past_v, emit,
+                                        max_new_tokens - 1)
             else:
                 self._plain_greedy(token, len(prompt_ids), past_k, past_v, emit)
         decode_seconds = time.perf_counter() - start
         text = self.decode_text(generated) if self._tokenizer is not None or isinstance(
             prompt, str) else ""
         return GenerationResult(generated, text, prompt_ids, prefill_seconds, decode_seconds,
-                                stats)
+                                stats, exiting)
 
     def _plain_greedy(self, token: int, position: int, past_k, past_v, emit) -> None:
         device = self.artifact.device

@@ -16,7 +16,9 @@ Adapting (as DEL does): the decoder measures what a decode step, a draft step an
 pass of each width take, and keeps a running acceptance rate (each drafted token it could
 check counts). Before each round it picks the n (0 to `max_draft_tokens`) with the most
 tokens per second by that model; n = 0 is a plain decode step, so it turns itself off when
-drafting does not pay, and every PROBE_EVERY plain steps it drafts one token to look again.
+drafting does not pay. After PROBE_EVERY plain steps it drafts one token to look again, and
+each look that finds it still does not pay doubles the wait (up to MAX_PROBE_EVERY). A
+`Generator` keeps its decoder, so what it measured carries over from one prompt to the next.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 import tvm
 
 PROBE_EVERY = 32
+MAX_PROBE_EVERY = 1024
 ACCEPTANCE_MEMORY = 0.9  # weight of the old estimate per checked draft token
 TIME_MEMORY = 0.8
 
@@ -71,6 +74,7 @@ class SpeculativeDecoder:
         self.seconds = {}  # "decode", "draft", ("verify", width): running estimates
         self.stats = SpeculativeStats()
         self._since_probe = 0
+        self._probe_every = PROBE_EVERY
 
     # --- the timing model -----------------------------------------------------------------
     def _note(self, key, seconds: float) -> None:
@@ -101,16 +105,19 @@ class SpeculativeDecoder:
             rate = expected_tokens(self.acceptance, n) / (n * draft + self._verify_seconds(n + 1))
             if rate > best_rate:
                 best, best_rate = n, rate
-        if best == 0 and self._since_probe >= PROBE_EVERY:
-            return 1  # look again at the acceptance
+        if best == 0 and self._since_probe >= self._probe_every:
+            return -1  # look again at the acceptance: a round of one draft
         return best
 
     # --- decoding -------------------------------------------------------------------------
-    def continue_greedy(self, token: int, position: int, past_k, past_v, emit) -> None:
+    def continue_greedy(self, token: int, position: int, past_k, past_v, emit,
+                        limit: int) -> None:
         """Generate after `token` (at `position`, the cache holding the positions before it)
-        until `emit(token)` returns False; `emit` sees each new token in order."""
-        while True:
+        until `emit(token)` returns False or `limit` tokens came; `emit` sees each in order."""
+        while limit > 0:
             n = self.choose_draft_tokens()
+            if n != 0 and abs(n) + 1 > limit:  # drafts past the end would only be dropped
+                n = 0 if limit == 1 else (limit - 1) * (1 if n > 0 else -1)
             if n == 0:
                 start = time.perf_counter()
                 logits, past_k, past_v = self.generator.decode.run_tvm(
@@ -120,12 +127,18 @@ class SpeculativeDecoder:
                 self.stats.plain_steps += 1
                 self._since_probe += 1
                 position += 1
+                limit -= 1
                 if not emit(token):
                     return
                 continue
             self._since_probe = 0
-            kept, past_k, past_v = self._round(token, position, past_k, past_v, n)
+            kept, past_k, past_v = self._round(token, position, past_k, past_v, abs(n))
+            if n < 0:  # a probe: wait longer before the next one unless drafting now pays
+                paid = self.choose_draft_tokens() > 0
+                self._probe_every = PROBE_EVERY if paid else \
+                    min(2 * self._probe_every, MAX_PROBE_EVERY)
             position += len(kept)
+            limit -= len(kept)
             for token in kept:
                 if not emit(token):
                     return

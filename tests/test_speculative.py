@@ -94,7 +94,11 @@ def test_self_speculative_is_greedy_decoding_on_20_prompts(smollm_draft):
         assert plain.token_ids == reference, prompt
         assert always.token_ids == reference, prompt
         assert adaptive.token_ids == reference, prompt
-        assert plain.speculative is None and always.speculative.plain_steps == 0
+        assert plain.speculative is None
+        # always 3 drafts, but never past max_new_tokens: with 3, 2 and 1 tokens left, rounds
+        # of 2 and 1 drafts and a plain step
+        assert always.speculative.plain_steps <= 1
+        assert always.speculative.draft_lengths[3] >= always.speculative.rounds - 2
         drafted += always.speculative.drafted
         accepted += always.speculative.accepted
         checked += always.speculative.checked

@@ -31,21 +31,10 @@ MAX_DRAFT_TOKENS = 6
 def acceptance_by_layer(model, calibration) -> np.ndarray:
     """a[k - 1] for k = 1 .. L - 1: the share of calibration positions where the head after
     layer k predicts the same next token as the whole model."""
-    import torch
+    from graft.passes.early_exit.token_exit import exit_head_statistics
 
-    agree, total = None, 0
-    with torch.no_grad():
-        for ids in calibration:
-            ids = torch.as_tensor(np.asarray(ids, dtype=np.int64).reshape(1, -1))
-            out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
-            final = out.logits[0].argmax(-1)
-            # hidden_states[k] leaves layer k; the last one already went through the norm
-            exits = torch.stack([model.lm_head(model.model.norm(h[0])).argmax(-1)
-                                 for h in out.hidden_states[1:-1]])
-            counts = (exits == final).sum(-1).double().numpy()
-            agree = counts if agree is None else agree + counts
-            total += int(final.numel())
-    return agree / max(total, 1)
+    agree, _ = exit_head_statistics(model, calibration)
+    return agree.mean(axis=1)
 
 
 def draft_cost_by_layer(model) -> np.ndarray:
