@@ -149,6 +149,9 @@ def import_causal_lm(source, *, max_seq_len=None, converters=None, scores: bool 
     choice = _speculation(model, speculative, calibration)
     if choice is not None and choice["enabled"]:
         scores = True  # the verify pass
+    exit_choice, exit_held_out = _token_exit(model, token_exit, calibration)
+    if exit_choice is not None:
+        scores = True  # the full model's tokens, for the held-out check
     wrapper = _wrapper(model)
     layers, heads, head_dim = cache["num_layers"], cache["num_kv_heads"], cache["head_dim"]
     dyn = torch.export.Dim.DYNAMIC
@@ -179,9 +182,9 @@ def import_causal_lm(source, *, max_seq_len=None, converters=None, scores: bool 
         imported.signatures["score"] = sig
     if choice is not None and choice["enabled"]:
         add_draft(imported, model, choice["draft_layers"], converters)
-    exit_choice = _token_exit(model, token_exit, calibration)
     if exit_choice is not None:
         add_token_exit(imported, model, exit_choice["layer"], converters)
+        imported.held_out["token_exit"] = exit_held_out
     for function, sig in imported.signatures.items():
         if not function.startswith("exit_"):  # those name their own outputs
             for spec, name_ in zip(sig.outputs, ("logits", "new_k", "new_v")):
@@ -239,12 +242,13 @@ def _speculation(model, speculative, calibration) -> dict | None:
     return choice
 
 
-def _token_exit(model, token_exit, calibration) -> dict | None:
+def _token_exit(model, token_exit, calibration):
+    """(the calibrated choice, the held-out token sequences the compile checks it on)."""
     from graft import progress
     from graft.passes.early_exit import token_exit as calm
 
     if token_exit is None:
-        return None
+        return None, None
     budget, _, layer = str(token_exit).partition("@")
     if layer and not layer.isdigit():
         raise GraftError(f"token_exit {token_exit!r}: expected BUDGET or BUDGET@LAYER, e.g. "
@@ -253,16 +257,17 @@ def _token_exit(model, token_exit, calibration) -> dict | None:
     if not sequences:
         raise GraftError("token_exit calibrates its threshold on text: give token id sequences "
                          "(calibration=[ids, ...], or --calibration with an input_ids array)")
-    count = sum(len(s) for s in sequences)
+    fit, held_out = calm.split_held_out(sequences)
+    count = sum(len(s) for s in fit)
     with progress.step(f"calibrating the per-token exit on {count} tokens"):
-        choice = calm.calibrate(model, sequences, budget, int(layer) if layer else None)
+        choice = calm.calibrate(model, fit, budget, int(layer) if layer else None)
     progress.note(f"per-token exit after layer {choice['layer']}, threshold "
                   f"{choice['threshold']:.3f}: {choice['exit_rate']:.1%} of calibration "
                   f"tokens exit, agreement {choice['agreement']:.4f}, predicted step time "
                   f"{1 / choice['predicted_speedup']:.2f}x the full model's"
                   + (" (slower: too few tokens exit to pay for the exit head)"
                      if choice["predicted_speedup"] < 1 else ""))
-    return choice
+    return choice, held_out
 
 
 def add_token_exit(imported: ImportedModel, model, layer: int, converters=None) -> None:

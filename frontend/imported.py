@@ -45,6 +45,7 @@ class ImportedModel:
     source: dict = field(default_factory=dict)  # what was imported, for the manifest
     example_inputs: dict[str, list[np.ndarray]] = field(default_factory=dict)
     extra_files: dict[str, bytes] = field(default_factory=dict)  # written into the artifact
+    held_out: dict = field(default_factory=dict)  # data the compile checks its result on
 
 
 def dim_text(dim, renames: dict[str, str]) -> int | str:

@@ -114,7 +114,8 @@ def compile(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None
                          flops_dims=_example_dims(imported))
     if dumper is not None:
         dumper.after(0, Entry("import", None, {"frontend": imported.source.get("frontend")}),
-                     state, time.perf_counter() - started, {"functions": list(imported.signatures)})
+                     state, time.perf_counter() - started,
+                     {"functions": list(imported.signatures), **_decoder_exits(imported)})
     _check_order(passes)
     user_entries = [_as_entry(p) for p in passes]
     if kv_cache != "paged" and any(isinstance(p, GraftPass) and p.name == "share_kv"
@@ -153,7 +154,61 @@ def compile(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None
         "kernels": _kernel_report(lowering),
         "compile_seconds": round(time.perf_counter() - started, 2),
     }
-    return CompiledModel(executable, used, manifest, dict(imported.extra_files))
+    compiled = CompiledModel(executable, used, manifest, dict(imported.extra_files))
+    if imported.held_out.get("token_exit"):
+        _check_token_exit(compiled, imported.held_out["token_exit"], tvm_target)
+    return compiled
+
+
+def _check_token_exit(compiled: CompiledModel, held_out: list, tvm_target) -> None:
+    """Run the built per-token exit on the held-out calibration text and tighten its threshold
+    until the agreement meets the budget (passes/early_exit/token_exit.py); record it."""
+    import tempfile
+
+    from graft.passes.early_exit.token_exit import check_held_out
+    from graft.runtime import load
+    from graft.runtime.generate import Generator
+
+    lm = compiled.manifest["model"]["causal_lm"] = dict(compiled.manifest["model"]["causal_lm"])
+    config = lm["token_exit"]  # shared with the imported model's source: replaced, not changed
+    if tvm_target.kind.name != "llvm":
+        lm["token_exit"] = {**config, "held_out_agreement": None,
+                            "held_out_note": f"not measured: built for {tvm_target.kind.name}, "
+                                             "checked on this host's CPU only"}
+        return
+    count = sum(len(ids) for ids in held_out)
+    with progress.step(f"checking the per-token exit on {count} held-out tokens"), \
+            tempfile.TemporaryDirectory(prefix="graft-token-exit-") as tmp:
+        generator = Generator(load(compiled.save(Path(tmp) / "artifact")))
+        measured = check_held_out(generator, held_out, config["budget"], notify=lambda row: (
+            progress.note(f"threshold {row['threshold']:.4f}: agreement {row['agreement']:.4f}, "
+                          f"{row['exit_rate']:.1%} exit")))
+    lm["token_exit"] = {**config, **measured}
+
+
+def _decoder_exits(imported: ImportedModel) -> dict:
+    """What the decoder exits' calibration found, per layer, for passes.json and the report:
+    the head after each layer as a draft (acceptance) and as a per-token exit (exit rate and
+    agreement at its threshold)."""
+    lm = imported.source.get("causal_lm", {})
+    layers: dict = {}
+    speculative, token_exit = lm.get("speculative"), lm.get("token_exit")
+    if speculative and "acceptance_by_layer" in speculative:
+        for k, rate in enumerate(speculative["acceptance_by_layer"], start=1):
+            layers.setdefault(f"layer {k}", {})["draft_acceptance"] = rate
+    if token_exit:
+        for row in token_exit["candidates"]:
+            entry = layers.setdefault(f"layer {row['layer']}", {})
+            entry.update(exit_rate=row["exit_rate"], exit_agreement=row["agreement"])
+    did = {}
+    if speculative:
+        did["speculative"] = {k: v for k, v in speculative.items()
+                              if not k.endswith("_by_layer")}
+    if token_exit:
+        did["token_exit"] = {k: v for k, v in token_exit.items() if k != "candidates"}
+    if layers:
+        did["layers"] = layers
+    return did
 
 
 def import_model(model, example_inputs=None, *, dynamic_shapes=None, input_specs=None,

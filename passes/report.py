@@ -6,7 +6,9 @@ network fetches, opens anywhere). What is plotted:
 - for each pass that reports layers: Quantize's weight error, sensitivity and precision,
   Sparsify's sparsity, ShareKV's KV cache bytes per token (and its search: the KV reduction
   each step reached against the perplexity ratio it cost), EarlyExit's exit rates and each
-  exit's agreement with the full model;
+  exit's agreement with the full model; for a decoder LM compiled with speculative= or
+  token_exit=, the import's calibration by layer (draft acceptance; per-token exit rate and
+  agreement at each layer's threshold);
 - the kernel time breakdown of each compiled function, when the compile profiled it.
 """
 
@@ -20,7 +22,7 @@ PRECISION_COLORS = {"int4": "#d9534f", "int8": "#f0ad4e", "w8a8": "#5bc0de", "fp
                     "bf16": "#8e44ad", "fp32": "#5cb85c"}
 NO_PRECISION = "#607d8b"
 LAYER_METRICS = ("weight_error", "sensitivity", "sparsity", "kv_bytes_per_token", "exit_rate",
-                 "exit_agreement")
+                 "exit_agreement", "draft_acceptance")
 STYLE = ("body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse}"
          "td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px;text-align:left}"
          "tr.failed{background:#fdd}figure{margin:0.5em 0}.note{color:#555;font-size:13px}")

@@ -49,7 +49,7 @@ def exiting(tmp_path_factory):
     tokens = np.array(tokenizer(text).input_ids, dtype=np.int64)
     path = tmp_path_factory.mktemp("token_exit") / "art"
     graft.compile(gguf_path(), max_seq_len=512, scores=True, token_exit=f"top1>=0.98@{LAYER}",
-                  calibration=[tokens[:256]]).save(path)
+                  calibration=[tokens[:256]]).save(path)  # 192 to fit, 64 held out
     return model, tokens, graft.load(path)
 
 
@@ -57,8 +57,13 @@ def test_manifest_records_the_exit(exiting):
     _, _, artifact = exiting
     config = artifact.manifest["model"]["causal_lm"]["token_exit"]
     assert config["layer"] == LAYER and config["budget"] == "top1>=0.98"
-    assert 0 < config["threshold"] <= 1.01 and config["calibration_tokens"] == 256
+    assert 0 < config["threshold"] <= 1.01 and config["calibration_tokens"] == 192
     assert {"exit_lower", "exit_upper", "exit_skip"} <= set(artifact.functions)
+    # measured on the held-out quarter with the compiled decoder, tightened until it held
+    assert config["held_out_tokens"] == 64 and config["held_out_agreement"] >= 0.98
+    assert config["held_out_tried"][-1]["threshold"] == config["threshold"]
+    assert [t["threshold"] for t in config["held_out_tried"]] == \
+        sorted(t["threshold"] for t in config["held_out_tried"])
 
 
 def test_without_exits_the_split_step_is_the_full_model(exiting):
@@ -110,14 +115,18 @@ def test_an_exit_is_the_head_on_that_layer_and_leaves_its_kv(exiting):
 
 
 def test_generation_exits_and_counts(exiting):
-    _, _, artifact = exiting
+    _, tokens, artifact = exiting
     generator = Generator(artifact)
     plain = generator.generate("The capital of France is", 24, token_exit=False)
     exited = generator.generate("The capital of France is", 24)
     assert plain.token_exit is None
     run = exited.token_exit
-    assert run.steps == len(exited.token_ids) - 1 and 0 < run.exits <= run.steps
-    assert exited.token_ids[:3] == plain.token_ids[:3]
+    assert run.steps == len(exited.token_ids) - 1 and run.exits <= run.steps
+    assert run.threshold == artifact.manifest["model"]["causal_lm"]["token_exit"]["threshold"]
+    # a low threshold exits often; the decoder counts its steps and exits
+    decoder = TokenExitDecoder(generator, threshold=0.5)
+    predicted, exited_steps = decoder.predict(tokens[:40])
+    assert decoder.steps == 40 and decoder.exits == int(exited_steps.sum()) > 0
     with pytest.raises(GraftError, match="ask for one"):
         generator.generate("Hi", 4, speculative=True, token_exit=True)
 
@@ -129,3 +138,27 @@ def test_token_exit_refusals():
         graft.compile(gguf_path(), token_exit="cosine>=0.98", calibration=[np.arange(8)])
     with pytest.raises(GraftError, match="per-token exit runs on the explicit cache"):
         graft.compile(gguf_path(), token_exit="top1>=0.98", kv_cache="paged")
+
+
+def test_decoder_exit_calibration_in_passes_json_and_report():
+    """The import record carries the calibration by layer, and report.html plots it."""
+    from types import SimpleNamespace
+
+    from graft.driver import _decoder_exits
+    from graft.passes.report import render
+
+    source = {"causal_lm": {
+        "speculative": {"draft_layers": 1, "enabled": False, "acceptance_by_layer": [0.1, 0.3],
+                        "draft_cost_by_layer": [0.4, 0.7]},
+        "token_exit": {"layer": 2, "threshold": 0.95, "candidates": [
+            {"layer": 1, "threshold": 0.99, "exit_rate": 0.05, "agreement": 0.99},
+            {"layer": 2, "threshold": 0.95, "exit_rate": 0.2, "agreement": 0.991}]}}}
+    did = _decoder_exits(SimpleNamespace(source=source))
+    assert did["layers"] == {
+        "layer 1": {"draft_acceptance": 0.1, "exit_rate": 0.05, "exit_agreement": 0.99},
+        "layer 2": {"draft_acceptance": 0.3, "exit_rate": 0.2, "exit_agreement": 0.991}}
+    assert did["token_exit"] == {"layer": 2, "threshold": 0.95}
+    assert "acceptance_by_layer" not in did["speculative"]
+    page = render([{"index": 0, "pass": "import", "did": did}])
+    for heading in ("draft acceptance by layer", "exit rate by layer", "exit agreement by layer"):
+        assert f"<h3>{heading}</h3>" in page

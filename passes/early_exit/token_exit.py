@@ -16,8 +16,11 @@ Calibration, on token id sequences, teacher-forced through the torch model:
 3. the layer is the one with the best predicted step time by the bytes each path reads:
    layers below k and the exit head always, then either the skipped layers' K/V projections
    (when the token exits) or the layers above k and the head again.
-The agreement of the compiled decoder with the full model is measured on held-out text by
-`runtime.token_exit.TokenExitDecoder.agreement` (bench/bench_early_exit.py).
+4. a quarter of the calibration text is held out (`split_held_out`); once the model is
+   built, the compile runs the compiled decoder teacher-forced over it (`check_held_out`, so
+   later tokens see the K/V the exits wrote) against the full model's `score`, and raises the
+   threshold (halving 1 - threshold) until the agreement meets the budget there; the figures
+   measured are recorded in the manifest.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from graft.passes.quantize.evaluate import Budget
 from graft.runtime.errors import GraftError
 
 MARGIN = 0.5
+HELD_OUT = 0.25
+TIGHTENINGS = 6  # halvings of 1 - threshold before exits are turned off
 
 
 def exit_head_statistics(model, calibration) -> tuple[np.ndarray, np.ndarray]:
@@ -108,3 +113,48 @@ def calibrate(model, calibration, budget: str = "top1>=0.98", layer: int | None 
     best = max(table, key=lambda row: row["predicted_speedup"])
     return {**best, "budget": str(parsed), "margin": MARGIN, "candidates": table,
             "calibration_tokens": int(agree.shape[1])}
+
+
+def split_held_out(sequences: list) -> tuple[list, list]:
+    """(fit, held out): the last quarter of the sequences, or of the tokens of a single one."""
+    if len(sequences) >= 2:
+        count = max(1, int(round(len(sequences) * HELD_OUT)))
+        return sequences[:-count], sequences[-count:]
+    (only,) = sequences
+    cut = int(len(only) * (1 - HELD_OUT))
+    return [only[:cut]], [only[cut:]]
+
+
+def check_held_out(generator, held_out: list, budget: str, notify=None) -> dict:
+    """Measure the compiled per-token exit on held-out text (teacher-forced, against the full
+    model's `score`) and raise its threshold until the agreement meets `budget`; what was
+    measured, with the threshold to use."""
+    from graft.runtime.token_exit import TokenExitDecoder
+
+    parsed = Budget(budget)
+    cfg = generator.config
+    empty = np.zeros((cfg["num_layers"], 1, cfg["num_kv_heads"], 0, cfg["head_dim"]),
+                     cfg.get("cache_dtype", "float32"))
+    score = generator.artifact.function("score")
+    full = [score(np.asarray(ids)[None], np.arange(len(ids))[None], empty, empty)[0][0]
+            .argmax(-1) for ids in held_out]
+    threshold = float(cfg["token_exit"]["threshold"])
+    tried = []
+    for attempt in range(TIGHTENINGS + 2):
+        agree = exits = total = 0
+        for ids, reference in zip(held_out, full):
+            predicted, exited = TokenExitDecoder(generator, threshold).predict(ids)
+            agree += int((predicted == reference).sum())
+            exits += int(exited.sum())
+            total += len(ids)
+        row = {"threshold": round(threshold, 6), "agreement": round(agree / total, 4),
+               "exit_rate": round(exits / total, 4)}
+        tried.append(row)
+        if notify is not None:
+            notify(row)
+        if parsed.holds(agree / total) or threshold > 1:
+            break
+        threshold = 1.01 if attempt == TIGHTENINGS else 1 - (1 - threshold) / 2
+    return {"threshold": tried[-1]["threshold"], "held_out_agreement": tried[-1]["agreement"],
+            "held_out_exit_rate": tried[-1]["exit_rate"], "held_out_tokens": int(total),
+            "held_out_tried": tried}
