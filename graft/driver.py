@@ -185,9 +185,9 @@ def _check_token_exit(compiled: CompiledModel, held_out: list, tvm_target) -> No
                           f"{row['exit_rate']:.1%} exit")))
     lm["token_exit"] = {**config, **measured}
     if measured["threshold"] > 1:
-        progress.note(f"per-token exit left off: no threshold cleared {measured['held_out_required']:.4f} "
-                      f"agreement on the {count} held-out tokens (more calibration text gives "
-                      "a tighter check)")
+        progress.note(f"per-token exit left off: no threshold cleared "
+                      f"{measured['held_out_required']:.4f} agreement on the {count} held-out "
+                      "tokens (more calibration text gives a tighter check)")
 
 
 def _decoder_exits(imported: ImportedModel) -> dict:
