@@ -103,7 +103,8 @@ class Generator(ArtifactText):
         the artifact was compiled with a draft that calibration enabled. Options:
         max_draft_tokens, adapt (False: always draft max_draft_tokens). `token_exit`: per-token
         early exit (runtime/token_exit.py; tokens within the compile's agreement budget); by
-        default when the artifact has it and does not speculate."""
+        default when the artifact has it, its threshold can be reached, and it does not
+        speculate."""
         prompt_ids = self.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not prompt_ids:
             raise RuntimeInputError("the prompt is empty")
@@ -121,8 +122,9 @@ class Generator(ArtifactText):
         if speculative is None:
             speculative = self.can_speculate and bool(
                 self.config.get("speculative", {}).get("enabled"))
-        if token_exit is None:
-            token_exit = self.can_exit and not speculative
+        if token_exit is None:  # not where the compile's held-out check turned exits off
+            token_exit = self.can_exit and not speculative and \
+                float(self.config.get("token_exit", {}).get("threshold", 2)) <= 1
         if token_exit and speculative:
             raise RuntimeInputError("speculative decoding and per-token exit are two ways to "
                                     "decode: ask for one")
