@@ -77,20 +77,8 @@ def gguf_parsed_once():
 
 def _wrapper(model, all_logits: bool = False):
     import torch
-    from transformers.cache_utils import DynamicCache, DynamicLayer
 
-    class PastLayer(DynamicLayer):
-        """A cache layer holding an explicit past tensor (possibly of length 0)."""
-
-        def __init__(self, keys, values):
-            super().__init__()
-            self.keys, self.values = keys, values
-            self.dtype, self.device = keys.dtype, keys.device
-            self.is_initialized = True
-
-        def get_seq_length(self):
-            # upstream tests keys.numel() == 0: a data-dependent guard on the past length
-            return self.keys.shape[-2]
+    from graft.frontend.layer_split import explicit_cache
 
     class ExplicitCacheLM(torch.nn.Module):
         def __init__(self, lm):
@@ -99,8 +87,7 @@ def _wrapper(model, all_logits: bool = False):
 
         def forward(self, input_ids, position_ids, past_k, past_v):
             past_len, new_len = past_k.shape[3], input_ids.shape[1]
-            cache = DynamicCache(config=self.lm.config)
-            cache.layers = [PastLayer(past_k[i], past_v[i]) for i in range(past_k.shape[0])]
+            cache = explicit_cache(self.lm.config, past_k, past_v)
             mask = torch.ones(input_ids.shape[0], past_len + new_len, dtype=torch.long)
             out = self.lm(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                           past_key_values=cache, use_cache=True,

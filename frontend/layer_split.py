@@ -38,9 +38,8 @@ def explicit_cache(config, past_k, past_v, offset: int = 0):
             return self.keys.shape[-2]
 
     cache = DynamicCache(config=config)
-    placeholder = PastLayer(past_k[0][:, :, :0], past_v[0][:, :, :0])
-    cache.layers = [placeholder] * offset + [PastLayer(past_k[i], past_v[i])
-                                             for i in range(past_k.shape[0])]
+    below = [PastLayer(past_k[0][:, :, :0], past_v[0][:, :, :0])] * offset if offset else []
+    cache.layers = below + [PastLayer(past_k[i], past_v[i]) for i in range(past_k.shape[0])]
     return cache
 
 
