@@ -9,6 +9,10 @@ They replace TVM's converter of the same op type for the duration of an import.
   symbolic values keeps the shape `(limit,)`.
 - ConstantOfShape of an empty shape (a rank-0 tensor): TVM emits
   `broadcast_to(const of shape (1,), R.shape([]))`, which fails; this returns a scalar constant.
+- ConvInteger, QLinearConv and QLinearMatMul, which onnxruntime's quantizers write (dynamic
+  quantization of convolutions; static quantization in the QOperator format), are missing from
+  TVM. They accumulate in int32 exactly as the ONNX reference does, and requantize as it does:
+  `round_half_even(acc * (x_scale * w_scale / y_scale)) + y_zero_point`, saturated.
 """
 
 from __future__ import annotations
@@ -60,4 +64,89 @@ class ConstantOfShape(tvm_onnx.ConstantOfShape):
         return super()._impl_v9(bb, inputs, attr, params)
 
 
-CONVERTERS = {"Range": Range, "ConstantOfShape": ConstantOfShape}
+def _minus_zero_point(bb, value, zero_point, channel_axis=None):
+    """`value - zero_point` in int32; a per-channel zero point (shape [C]) is laid along
+    `channel_axis` of `value`."""
+    value = relax.op.astype(value, "int32")
+    if zero_point is None:
+        return value
+    zero_point = bb.normalize(relax.op.astype(zero_point, "int32"))
+    if channel_axis is not None and len(zero_point.ty.shape) == 1:
+        zero_point = _along_axis(zero_point, channel_axis, bb.normalize(value).ty.ndim)
+    return relax.op.subtract(value, zero_point)
+
+
+def _along_axis(vector, axis, ndim):
+    """A [C] vector shaped to broadcast along `axis` of a rank-`ndim` tensor."""
+    axis = axis % ndim
+    return relax.op.reshape(vector, [-1] + [1] * (ndim - 1 - axis)) if axis < ndim - 1 else vector
+
+
+def _requantize(bb, accumulator, multiplier, zero_point, out_dtype):
+    """`saturate(round_half_even(accumulator * multiplier) + zero_point)` as `out_dtype`."""
+    info = np.iinfo(out_dtype)
+    scaled = relax.op.round(relax.op.multiply(relax.op.astype(accumulator, "float32"), multiplier))
+    if zero_point is not None:
+        scaled = relax.op.add(scaled, relax.op.astype(zero_point, "float32"))
+    return relax.op.astype(relax.op.clip(scaled, int(info.min), int(info.max)), out_dtype)
+
+
+def _optional(inputs, index):
+    return inputs[index] if len(inputs) > index else None
+
+
+def _dtype(bb, expr) -> str:
+    return str(bb.normalize(expr).ty.dtype.dtype)
+
+
+class ConvInteger(tvm_onnx.OnnxOpConverter):
+    """int32 convolution of (x - x_zero_point) and (w - w_zero_point); padding is with zeros
+    after the zero point is taken off, as in the ONNX reference."""
+
+    @classmethod
+    def _impl_v10(cls, bb, inputs, attr, params):
+        x = _minus_zero_point(bb, inputs[0], _optional(inputs, 2))
+        w = _minus_zero_point(bb, inputs[1], _optional(inputs, 3), channel_axis=0)
+        return tvm_onnx.Conv._impl_v11(bb, [bb.normalize(x), bb.normalize(w), None], attr, params)
+
+
+class QLinearConv(tvm_onnx.OnnxOpConverter):
+    @classmethod
+    def _impl_v10(cls, bb, inputs, attr, params):
+        x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_zero_point = inputs[:8]
+        bias = _optional(inputs, 8)
+        x_int = _minus_zero_point(bb, x, x_zero_point)
+        w_int = _minus_zero_point(bb, w, w_zero_point, channel_axis=0)
+        accumulator = bb.normalize(tvm_onnx.Conv._impl_v11(
+            bb, [bb.normalize(x_int), bb.normalize(w_int), None], attr, params))
+        ndim = accumulator.ty.ndim
+        if bias is not None:
+            accumulator = relax.op.add(
+                accumulator, relax.op.reshape(bb.normalize(relax.op.astype(bias, "int32")), [1, -1] + [1] * (ndim - 2)))
+        w_scale = bb.normalize(w_scale)
+        if len(w_scale.ty.shape) == 1:
+            w_scale = relax.op.reshape(w_scale, [1, -1] + [1] * (ndim - 2))
+        multiplier = relax.op.divide(relax.op.multiply(x_scale, w_scale), y_scale)
+        out_dtype = _dtype(bb, y_zero_point) if y_zero_point is not None else "uint8"
+        return _requantize(bb, accumulator, multiplier, y_zero_point, out_dtype)
+
+
+class QLinearMatMul(tvm_onnx.OnnxOpConverter):
+    @classmethod
+    def _impl_v10(cls, bb, inputs, attr, params):
+        a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point = inputs[:8]
+        a_int = _minus_zero_point(bb, a, a_zero_point, channel_axis=-2)
+        b_int = _minus_zero_point(bb, b, b_zero_point, channel_axis=-1)
+        accumulator = relax.op.matmul(a_int, b_int, out_dtype="int32")
+        a_scale, b_scale = bb.normalize(a_scale), bb.normalize(b_scale)
+        if len(a_scale.ty.shape) == 1:
+            a_scale = relax.op.expand_dims(a_scale, axis=-1)
+        multiplier = relax.op.divide(relax.op.multiply(a_scale, b_scale), y_scale)
+        out_dtype = _dtype(bb, y_zero_point) if y_zero_point is not None else "uint8"
+        return _requantize(bb, accumulator, multiplier, y_zero_point, out_dtype)
+
+    _impl_v21 = _impl_v10
+
+
+CONVERTERS = {"Range": Range, "ConstantOfShape": ConstantOfShape, "ConvInteger": ConvInteger,
+              "QLinearConv": QLinearConv, "QLinearMatMul": QLinearMatMul}

@@ -224,7 +224,10 @@ def op_key(node) -> str:
 def check_supported(model, converters) -> None:
     from tvm.relax.frontend.onnx import onnx_frontend
 
-    known = set(onnx_frontend._get_convert_map()) | {"If", "Constant"} | set(converters or ())
+    from graft.frontend.onnx_converters import CONVERTERS
+
+    known = (set(onnx_frontend._get_convert_map()) | set(CONVERTERS) | {"If", "Constant"}
+             | set(converters or ()))
     missing: dict[str, list[str]] = {}
     for index, node in enumerate(model.graph.node):
         if op_key(node) not in known:
