@@ -6,7 +6,9 @@ build then fails in CodeGenVM). torch.export has already proved S <= 512, and th
 records that in the function's `tir_var_lower_bound` / `tir_var_upper_bound` attributes. With
 those bounds the slice is provably in bounds (`assume_inbound=True`, shape `S`), and shape
 expressions such as `R.shape([T.min(S, 512)])` simplify to `R.shape([S])`. Downstream shapes
-are re-inferred as the mutator rebuilds the function.
+are re-inferred as the mutator rebuilds the function. Negative constant bounds count from the
+end: `x[..., :-1]` (Wav2Vec2's positional convolution) has shape `S - 1` once `S >= 1` is known;
+a constant end past every possible size (`x[:, 1:]` ends at INT64_MAX) ends at the size.
 """
 
 from __future__ import annotations
@@ -57,19 +59,30 @@ class _InboundSliceMutator(PyExprMutator):
             return call
         dims = shape.values
         prove = self.analyzer.can_prove
+        begins, ends = [], []
         for i, axis in enumerate(axes.fields):
             axis = int(axis) % len(dims)
-            b, e = begin.fields[i], end.fields[i]
+            b, e = (_from_end(v, dims[axis]) for v in (begin.fields[i], end.fields[i]))
+            if isinstance(e, tvm.tirx.IntImm) and prove(e >= dims[axis]):
+                e = dims[axis]  # `x[:, 1:]` ends at INT64_MAX
             stride = strides.fields[i] if strides is not None else 1
             if not isinstance(stride, (int, tvm.tirx.IntImm)) or int(stride) != 1:
                 return call
             if not (prove(b >= 0) and prove(e <= dims[axis]) and prove(b <= e)):
                 return call
+            begins.append(b)
+            ends.append(e)
         self.changed += 1
-        return relax.op.strided_slice(data, list(axes.fields), list(begin.fields),
-                                      list(end.fields),
+        return relax.op.strided_slice(data, list(axes.fields), begins, ends,
                                       list(strides.fields) if strides is not None else None,
                                       assume_inbound=True)
+
+
+def _from_end(index, size):
+    """A negative constant index counts from the end (`x[:, :-1]` ends at size - 1)."""
+    if isinstance(index, tvm.tirx.IntImm) and int(index) < 0:
+        return size + int(index)
+    return index
 
 
 @tvm.transform.module_pass(opt_level=0, name="InboundStridedSlice")

@@ -56,6 +56,7 @@ def import_exported_program(ep, *, converters=None, function_name: str = "main",
     """Import an ExportedProgram into a Relax module with detached parameters."""
     from tvm.relax.frontend.torch import from_exported_program
 
+    from graft.frontend.derived_dims import DerivedInputDims
     from graft.frontend.inbound_slice import InboundStridedSlice
     from graft.frontend.negative_index import NegativeIndexTake
 
@@ -69,7 +70,7 @@ def import_exported_program(ep, *, converters=None, function_name: str = "main",
         check_supported(ep, converters)
     mod = from_exported_program(ep, keep_params_as_input=True, run_ep_decomposition=False,
                                 custom_convert_map=converters)
-    mod = NegativeIndexTake()(InboundStridedSlice()(mod))
+    mod = NegativeIndexTake()(InboundStridedSlice()(DerivedInputDims()(mod)))
     if function_name != "main":
         mod = _rename_main(mod, function_name)
     input_names = [spec.arg.name for spec in ep.graph_signature.input_specs
