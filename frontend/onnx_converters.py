@@ -13,6 +13,7 @@ They replace TVM's converter of the same op type for the duration of an import.
   quantization of convolutions; static quantization in the QOperator format), are missing from
   TVM. They accumulate in int32 exactly as the ONNX reference does, and requantize as it does:
   `round_half_even(acc * (x_scale * w_scale / y_scale)) + y_zero_point`, saturated.
+- Reduce* with axes given as a run-time tensor: onnx_runtime_axes.py.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import numpy as np
 import tvm
 from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
+
+from graft.frontend import onnx_runtime_axes
 
 
 def _int_or_symbolic(value):
@@ -149,4 +152,5 @@ class QLinearMatMul(tvm_onnx.OnnxOpConverter):
 
 
 CONVERTERS = {"Range": Range, "ConstantOfShape": ConstantOfShape, "ConvInteger": ConvInteger,
-              "QLinearConv": QLinearConv, "QLinearMatMul": QLinearMatMul}
+              "QLinearConv": QLinearConv, "QLinearMatMul": QLinearMatMul,
+              **onnx_runtime_axes.CONVERTERS}

@@ -162,3 +162,23 @@ def test_a_zero_where_the_model_divides_is_refused_before_the_kernels(tmp_path):
         runtime.run({**feeds, "steps": np.array([0])})
     with pytest.raises(graft.GraftError, match="input 'd' holds a zero.*Div"):
         runtime.run({**feeds, "d": np.array([2, 0, 3])})
+
+
+@pytest.mark.parametrize("op,keepdims", [("ReduceMean", 1), ("ReduceMax", 0),
+                                         ("ReduceLogSumExp", 1), ("ReduceL2", 0)])
+def test_reduce_with_axes_given_at_run_time(op, keepdims, tmp_path):
+    """One artifact, axes chosen per call: the output's shape follows them."""
+    nodes = [helper.make_node(op, ["x", "axes"], ["y"], keepdims=keepdims)]
+    out_rank = 3 if keepdims else 2
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4]),
+                               helper.make_tensor_value_info("axes", TensorProto.INT64, [1])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * out_rank)],
+                       opset=18)
+    runtime = compile_and_load(model, tmp_path)
+    x = np.random.default_rng(3).standard_normal((2, 3, 4)).astype(np.float32)
+    for axis in (0, -1, 1):
+        axes = np.array([axis], np.int64)
+        (expected,) = ort_run(model, {"x": x, "axes": axes}, tmp_path)
+        got = runtime(x, axes)
+        assert got.shape == expected.shape
+        assert max_abs(got, expected) < 1e-5
