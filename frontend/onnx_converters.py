@@ -151,6 +151,27 @@ class QLinearMatMul(tvm_onnx.OnnxOpConverter):
     _impl_v21 = _impl_v10
 
 
-CONVERTERS = {"Range": Range, "ConstantOfShape": ConstantOfShape, "ConvInteger": ConvInteger,
+class LayerNormalization(tvm_onnx.LayerNormalization):
+    """TVM returns zeros for the optional Mean and InvStdDev outputs; these are the real ones
+    (reduced over the normalized dims, kept as size 1, in float32 by stash_type 1), removed as
+    dead code where the graph does not use them."""
+
+    @classmethod
+    def _impl_v17(cls, bb, inputs, attr, params):
+        output = bb.normalize(super()._impl_v17(bb, inputs, dict(attr), params))[0]
+        data = bb.normalize(inputs[0])
+        rank = data.ty.ndim
+        axes = list(range(attr.get("axis", -1) % rank, rank))
+        stash = "float32" if attr.get("stash_type", 1) == 1 else str(data.ty.dtype)
+        values = relax.op.astype(data, stash) if str(data.ty.dtype) != stash else data
+        mean = bb.emit(relax.op.mean(values, axis=axes, keepdims=True))
+        centered = relax.op.subtract(values, mean)
+        variance = relax.op.mean(relax.op.multiply(centered, centered), axis=axes, keepdims=True)
+        epsilon = relax.const(attr.get("epsilon", 1e-5), stash)
+        inv_std_dev = relax.op.rsqrt(relax.op.add(variance, epsilon))
+        return relax.Tuple([output, mean, bb.emit(inv_std_dev)])
+
+
+CONVERTERS = {"Range": Range, "LayerNormalization": LayerNormalization, "ConstantOfShape": ConstantOfShape, "ConvInteger": ConvInteger,
               "QLinearConv": QLinearConv, "QLinearMatMul": QLinearMatMul,
               **onnx_runtime_axes.CONVERTERS}
