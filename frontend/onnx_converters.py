@@ -172,6 +172,69 @@ class LayerNormalization(tvm_onnx.LayerNormalization):
         return relax.Tuple([output, mean, bb.emit(inv_std_dev)])
 
 
-CONVERTERS = {"Range": Range, "LayerNormalization": LayerNormalization, "ConstantOfShape": ConstantOfShape, "ConvInteger": ConvInteger,
+class CumSum(tvm_onnx.CumSum):
+    """A run-time axis (a graph input): the cumulative sum along each dim, chosen by the axis
+    value; the shape does not depend on it."""
+
+    @classmethod
+    def _impl_v14(cls, bb, inputs, attr, params):
+        if isinstance(tvm_onnx.get_constant(inputs[1], params), tvm.ir.GenericConst):
+            return super()._impl_v14(bb, inputs, attr, params)
+        data = bb.normalize(inputs[0])
+        rank = data.ty.ndim
+        axis = bb.normalize(relax.op.reshape(relax.op.astype(inputs[1], "int64"), []))
+        axis = bb.emit(relax.op.where(relax.op.less(axis, relax.const(0, "int64")),
+                                      relax.op.add(axis, relax.const(rank, "int64")), axis))
+        result = None
+        for k in range(rank):
+            along_k = super()._impl_v14(bb, [data, relax.const(k, "int64")], attr, params)
+            if result is None:
+                result = along_k
+                continue
+            chosen = relax.op.equal(axis, relax.const(k, "int64"))
+            result = bb.emit(relax.op.where(chosen, along_k, result))
+        return result
+
+
+class Pow(tvm_onnx.Pow):
+    """ONNX lets the exponent's type differ from the base's (float ** int64, int32 ** float),
+    and takes integers; the result has the base's type."""
+
+    @classmethod
+    def _impl_v7(cls, bb, inputs, attr, params):
+        base, exponent = (bb.normalize(i) for i in inputs[:2])
+        base_dtype, exponent_dtype = str(base.ty.dtype), str(exponent.ty.dtype)
+        if base_dtype == exponent_dtype and "int" in base_dtype:  # TVM's pow is float-only
+            power = relax.op.power(relax.op.astype(base, "float64"),
+                                   relax.op.astype(exponent, "float64"))
+            return relax.op.astype(relax.op.round(power), base_dtype)
+        if base_dtype == exponent_dtype:
+            return super()._impl_v7(bb, inputs, attr, params)
+        if "float" in base_dtype:
+            return relax.op.power(base, relax.op.astype(exponent, base_dtype))
+        wide = exponent_dtype if "float" in exponent_dtype else "float64"
+        power = relax.op.power(relax.op.astype(base, wide), relax.op.astype(exponent, wide))
+        return relax.op.astype(relax.op.floor(power), base_dtype)
+
+
+class LpNormalization(tvm_onnx.OnnxOpConverter):
+    """x / ||x||_p along `axis` (p 1 or 2)."""
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        data = inputs[0]
+        axis, p = attr.get("axis", -1), attr.get("p", 2)
+        if p == 1:
+            norm = relax.op.sum(relax.op.abs(data), axis=[axis], keepdims=True)
+        elif p == 2:
+            norm = relax.op.sqrt(relax.op.sum(relax.op.multiply(data, data), axis=[axis],
+                                              keepdims=True))
+        else:
+            raise ValueError(f"LpNormalization takes p = 1 or 2, got {p}")
+        return relax.op.divide(data, norm)
+
+
+CONVERTERS = {"Range": Range, "LayerNormalization": LayerNormalization, "CumSum": CumSum,
+              "Pow": Pow, "LpNormalization": LpNormalization, "ConstantOfShape": ConstantOfShape, "ConvInteger": ConvInteger,
               "QLinearConv": QLinearConv, "QLinearMatMul": QLinearMatMul,
               **onnx_runtime_axes.CONVERTERS}
