@@ -182,3 +182,39 @@ def test_reduce_with_axes_given_at_run_time(op, keepdims, tmp_path):
         got = runtime(x, axes)
         assert got.shape == expected.shape
         assert max_abs(got, expected) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_recurrent_layers_from_torch_onnx_export(kind, tmp_path):
+    """torch.nn.LSTM/GRU/RNN (two layers, bidirectional, batch first) export as ONNX's
+    recurrent ops; the artifact runs any batch size and matches PyTorch."""
+    import torch
+
+    torch.manual_seed(0)
+    layer = getattr(torch.nn, kind)(input_size=6, hidden_size=5, num_layers=2,
+                                    bidirectional=True, batch_first=True).eval()
+
+    class Outputs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x):
+            out, state = self.layer(x)
+            return out, state[0] if kind == "LSTM" else state
+
+    model = Outputs().eval()
+    path = tmp_path / "recurrent.onnx"
+    torch.onnx.export(model, (torch.randn(2, 7, 6),), str(path), input_names=["x"],
+                      output_names=["y", "h"], dynamic_axes={"x": {0: "batch"}},
+                      opset_version=17, dynamo=False)
+    assert kind in {n.op_type for n in onnx.load(str(path)).graph.node}
+    runtime = compile_and_load(path, tmp_path)
+    for batch in (1, 4):
+        x = torch.randn(batch, 7, 6)
+        with torch.no_grad():
+            expected = [t.numpy() for t in model(x)]
+        got = runtime(x.numpy())
+        for g, e in zip(got, expected, strict=True):
+            assert g.shape == e.shape
+            assert max_abs(g, e) < 1e-5
