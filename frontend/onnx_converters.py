@@ -95,6 +95,13 @@ def _requantize(bb, accumulator, multiplier, zero_point, out_dtype):
     return relax.op.astype(relax.op.clip(scaled, int(info.min), int(info.max)), out_dtype)
 
 
+def _float32(bb, scale):
+    """Scales may be float16 (opset 21); the requantization computes in float32."""
+    scale = bb.normalize(scale)
+    return scale if str(scale.ty.dtype) == "float32" else bb.normalize(
+        relax.op.astype(scale, "float32"))
+
+
 def _optional(inputs, index):
     return inputs[index] if len(inputs) > index else None
 
@@ -127,7 +134,7 @@ class QLinearConv(tvm_onnx.OnnxOpConverter):
         if bias is not None:
             accumulator = relax.op.add(
                 accumulator, relax.op.reshape(bb.normalize(relax.op.astype(bias, "int32")), [1, -1] + [1] * (ndim - 2)))
-        w_scale = bb.normalize(w_scale)
+        x_scale, w_scale, y_scale = (_float32(bb, s) for s in (x_scale, w_scale, y_scale))
         if len(w_scale.ty.shape) == 1:
             w_scale = relax.op.reshape(w_scale, [1, -1] + [1] * (ndim - 2))
         multiplier = relax.op.divide(relax.op.multiply(x_scale, w_scale), y_scale)
@@ -142,7 +149,7 @@ class QLinearMatMul(tvm_onnx.OnnxOpConverter):
         a_int = _minus_zero_point(bb, a, a_zero_point, channel_axis=-2)
         b_int = _minus_zero_point(bb, b, b_zero_point, channel_axis=-1)
         accumulator = relax.op.matmul(a_int, b_int, out_dtype="int32")
-        a_scale, b_scale = bb.normalize(a_scale), bb.normalize(b_scale)
+        a_scale, b_scale, y_scale = (_float32(bb, s) for s in (a_scale, b_scale, y_scale))
         if len(a_scale.ty.shape) == 1:
             a_scale = relax.op.expand_dims(a_scale, axis=-1)
         multiplier = relax.op.divide(relax.op.multiply(a_scale, b_scale), y_scale)
