@@ -1,4 +1,5 @@
-"""ONNX reductions whose `axes` is a tensor computed (or fed) at run time.
+"""ONNX reductions whose `axes` is a tensor computed (or fed) at run time, and Split with
+run-time sizes.
 
 TVM's converters take only constant axes. With run-time axes the reduced dims are data, so the
 reduction is written so that every shape stays known: for each dim k in turn, the reduction
@@ -153,7 +154,45 @@ def _log_sum_exp(data, axis, keepdims):
     return relax.op.add(relax.op.log(total), peak)
 
 
+class Split(tvm_onnx.Split):
+    """`split` sizes given as a run-time tensor (of static length): each part is sliced by the
+    run-time offsets and given fresh size variables for its length."""
+
+    @classmethod
+    def _impl_v13(cls, bb, inputs, attr, params):
+        sizes = inputs[1] if len(inputs) > 1 else None
+        if sizes is None or isinstance(tvm_onnx.get_constant(sizes, params), tvm.ir.GenericConst):
+            return super()._impl_v13(bb, inputs, attr, params)
+        data = bb.normalize(inputs[0])
+        rank = data.ty.ndim
+        axis = attr.get("axis", 0) % rank
+        parts = bb.normalize(sizes).ty.shape.values[0]
+        if not isinstance(parts, tirx.IntImm):
+            raise NotImplementedError("Split into a run-time number of parts")
+        sizes = bb.emit(relax.op.astype(sizes, _INT))
+        ends = bb.emit(relax.op.cumsum(sizes, axis=0))
+        begins = bb.emit(relax.op.subtract(ends, sizes))
+        shape = bb.emit(relax.op.shape_to_tensor(relax.op.shape_of(data)))
+        zeros, ones = _ints([0] * rank), _ints([1] * rank)
+        outputs = []
+        for i in range(int(parts)):
+            one_hot = _ints(np.eye(rank, dtype=np.int64)[axis])
+            index = relax.const(i, _INT)
+            begin = relax.op.multiply(one_hot, relax.op.take(begins, index, axis=0))
+            end = relax.op.where(relax.op.equal(one_hot, _ints(1)),
+                                 relax.op.take(ends, index, axis=0), shape)
+            part = bb.emit(relax.op.dynamic_strided_slice(data, bb.emit(relax.op.add(zeros, begin)),
+                                                          bb.emit(end), ones))
+            dims = list(data.ty.shape.values)
+            dims[axis] = tirx.Var(f"part{i}", _INT)
+            outputs.append(bb.match_cast(part, relax.TensorType(dims, str(data.ty.dtype))))
+        return relax.Tuple(outputs)
+
+    _impl_v18 = _impl_v13
+
+
 CONVERTERS = {
+    "Split": Split,
     "ReduceSum": _subclass(tvm_onnx.ReduceSum, 13),
     "ReduceMean": _subclass(tvm_onnx.ReduceMean, 18, after=staticmethod(_mean)),
     "ReduceMax": _subclass(tvm_onnx.ReduceMax, 18, combine=staticmethod(relax.op.max),
