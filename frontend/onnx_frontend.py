@@ -187,6 +187,7 @@ def import_onnx(model, input_specs=None, *, converters=None) -> ImportedModel:
         context = f" ({where[-1].split(', with inputs')[0]})" if where else ""
         raise GraftError(f"ONNX import failed{context}: {type(err).__name__}: "
                          f"{_first_line(err)}") from err
+    mod = _shape_outputs_as_tensors(mod)
     input_names = [s.name for s in specs]
     output_names = [o.name for o in model.graph.output]
     mod, params, signatures = detach(mod, {"main": input_names}, {"main": output_names})
@@ -196,6 +197,40 @@ def import_onnx(model, input_specs=None, *, converters=None) -> ImportedModel:
     sig.nonzero_inputs = _divisor_inputs(model, specs) or None
     return ImportedModel(mod, params, signatures, source={"frontend": "onnx", "opset": opset,
                                                           "ir_version": model.ir_version})
+
+
+def _shape_outputs_as_tensors(mod):
+    """A graph output computed by Shape imports as a Relax shape value, which an artifact's
+    signature cannot hold: return it as the int64 tensor ONNX says it is."""
+    from tvm import relax
+
+    func = mod["main"]
+    seq = func.body
+    result = seq.body
+    is_tuple = isinstance(result.ty, relax.TupleType)
+    types = list(result.ty.fields) if is_tuple else [result.ty]
+    if not any(isinstance(t, relax.ShapeType) for t in types):
+        return mod
+    builder = relax.BlockBuilder()
+    bindings, converted, fields = [], [], [result]
+    if is_tuple:
+        fields = [relax.Var(f"output{i}", t) for i, t in enumerate(types)]
+        bindings = [relax.VarBinding(v, relax.TupleGetItem(result, i))
+                    for i, v in enumerate(fields)]
+    for index, field in enumerate(fields):
+        if isinstance(field.ty, relax.ShapeType):
+            value = builder.normalize(relax.op.shape_to_tensor(field))
+            var = relax.Var(f"shape_output{index}", value.ty)
+            bindings.append(relax.VarBinding(var, value))
+            field = var
+        converted.append(field)
+    body = relax.Tuple(converted) if is_tuple else converted[0]
+    ret_ty = relax.TupleType([f.ty for f in converted]) if is_tuple else converted[0].ty
+    mod = mod.clone() if hasattr(mod, "clone") else mod
+    mod["main"] = relax.Function(func.params,
+                                 relax.SeqExpr([*seq.blocks, relax.BindingBlock(bindings)], body),
+                                 ret_ty, func.is_pure, func.attrs, func.span)
+    return relax.transform.Normalize()(mod)
 
 
 def _divisor_inputs(model, specs: list[TensorSpec]) -> dict[str, str]:

@@ -218,3 +218,18 @@ def test_recurrent_layers_from_torch_onnx_export(kind, tmp_path):
         for g, e in zip(got, expected, strict=True):
             assert g.shape == e.shape
             assert max_abs(g, e) < 1e-5
+
+
+def test_shape_output_is_an_int64_tensor_in_the_artifact(tmp_path):
+    """Shape(x) as a graph output imports as a Relax shape value; the artifact returns it as
+    the int64 tensor ONNX specifies (its manifest could not describe a shape value)."""
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]), helper.make_node("Relu", ["x"], ["y"])]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3])],
+                       [helper.make_tensor_value_info("shape", TensorProto.INT64, [2]),
+                        helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])])
+    runtime = compile_and_load(model, tmp_path)
+    x = np.ones((5, 3), np.float32)
+    shape, y = runtime(x)
+    (expected_shape, _) = ort_run(model, {"x": x}, tmp_path)
+    assert shape.dtype == np.int64 and np.array_equal(shape, expected_shape)
+    assert np.array_equal(y, x)
