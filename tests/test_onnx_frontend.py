@@ -233,3 +233,48 @@ def test_shape_output_is_an_int64_tensor_in_the_artifact(tmp_path):
     (expected_shape, _) = ort_run(model, {"x": x}, tmp_path)
     assert shape.dtype == np.int64 and np.array_equal(shape, expected_shape)
     assert np.array_equal(y, x)
+
+
+@pytest.mark.parametrize("inverse,onesided", [(0, 0), (1, 0), (0, 1), (1, 1)])
+def test_dft_matches_numpy(inverse, onesided, tmp_path):
+    """DFT along axis 1 of a batch of complex (or, one-sided forward, real) signals."""
+    rng = np.random.default_rng(4)
+    channels = 1 if onesided and not inverse else 2
+    length = 9 if inverse and onesided else 16
+    node = helper.make_node("DFT", ["x"], ["y"], axis=1, inverse=inverse, onesided=onesided)
+    model = make_model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                              ["n", length, 3, channels])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], opset=19)
+    del model.graph.output[0].type.tensor_type.shape.dim[:]
+    runtime = compile_and_load(model, tmp_path)
+    x = rng.standard_normal((2, length, 3, channels)).astype(np.float32)
+    signal = x[..., 0] + 1j * x[..., 1] if channels == 2 else x[..., 0]
+    if inverse and onesided:
+        expected = np.fft.irfft(signal, axis=1)[..., None]
+    elif inverse:
+        spectrum = np.fft.ifft(signal, axis=1)
+        expected = np.stack([spectrum.real, spectrum.imag], -1)
+    else:
+        spectrum = np.fft.rfft(signal, axis=1) if onesided else np.fft.fft(signal, axis=1)
+        expected = np.stack([spectrum.real, spectrum.imag], -1)
+    got = runtime(x)
+    assert got.shape == expected.shape
+    assert max_abs(got, expected) < 1e-5
+
+
+def test_split_with_sizes_given_at_run_time(tmp_path):
+    node = helper.make_node("Split", ["x", "sizes"], ["a", "b", "c"], axis=1)
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "abc"]
+    for o in outputs:
+        o.type.tensor_type.shape.Clear()
+    model = make_model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 9]),
+                                helper.make_tensor_value_info("sizes", TensorProto.INT64, [3])],
+                       outputs, opset=18)
+    runtime = compile_and_load(model, tmp_path)
+    x = np.arange(18, dtype=np.float32).reshape(2, 9)
+    for sizes in ([2, 3, 4], [0, 9, 0], [5, 1, 3]):
+        sizes = np.array(sizes, np.int64)
+        expected = ort_run(model, {"x": x, "sizes": sizes}, tmp_path)
+        got = runtime(x, sizes)
+        for g, e in zip(got, expected, strict=True):
+            assert g.shape == e.shape and np.array_equal(g, e)
