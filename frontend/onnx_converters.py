@@ -242,7 +242,22 @@ class LpNormalization(tvm_onnx.OnnxOpConverter):
         return relax.op.divide(data, norm)
 
 
-CONVERTERS = {"Range": Range, "LayerNormalization": LayerNormalization, "CumSum": CumSum,
+class NonMaxSuppression(tvm_onnx.NonMaxSuppression):
+    """TVM reads max_output_boxes_per_class, iou_threshold and score_threshold only from
+    constants and silently uses the defaults (0, 0.5, 0) for anything else: refuse instead."""
+
+    @classmethod
+    def _impl_v10(cls, bb, inputs, attr, params):
+        names = ["max_output_boxes_per_class", "iou_threshold", "score_threshold"]
+        for name, value in zip(names, list(inputs)[2:5]):
+            if value is not None and not isinstance(tvm_onnx.get_constant(value, params),
+                                                    tvm.ir.GenericConst):
+                raise NotImplementedError(f"NonMaxSuppression with {name} given at run time "
+                                          "(graft takes it only as a constant)")
+        return super()._impl_v10(bb, inputs, attr, params)
+
+
+CONVERTERS = {"Range": Range, "NonMaxSuppression": NonMaxSuppression, "LayerNormalization": LayerNormalization, "CumSum": CumSum,
               "Pow": Pow, "LpNormalization": LpNormalization, "ConstantOfShape": ConstantOfShape, "ConvInteger": ConvInteger,
               "QLinearConv": QLinearConv, "QLinearMatMul": QLinearMatMul,
               **onnx_runtime_axes.CONVERTERS, **onnx_recurrent.CONVERTERS,

@@ -225,7 +225,14 @@ def test_compile_sparse(tmp_path):
                        "--sparse-block", "32x1")
     assert result.returncode == 0, result.stderr
     did = json.loads(graft_cli("inspect", out, "--json").stdout)["passes"][0]["did"]
-    assert did["kernel"] == "bsr_matmul" and did["sparsity"] == 0.75
+    from graft.codegen.sparse import sparse_kernels_available
+    from graft.codegen.target import resolve_target
+
+    if sparse_kernels_available(resolve_target("cpu")):
+        assert did["kernel"] == "bsr_matmul"
+    else:  # graft's sparse kernels are AVX-512; elsewhere the pruned weights run dense
+        assert did["kernel"].startswith("dense fallback: no sparse kernel")
+    assert did["sparsity"] == 0.75
     # the 25% of 32-output x 1-input blocks of largest |W| (W [N, K] = weight.T), kept here
     scores = np.abs(weight.T.astype(np.float64)).reshape(4, 32, 64).sum(axis=1)
     keep = np.zeros(scores.size, bool)
