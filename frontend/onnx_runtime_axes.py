@@ -4,10 +4,12 @@ run-time sizes.
 TVM's converters take only constant axes. With run-time axes the reduced dims are data, so the
 reduction is written so that every shape stays known: for each dim k in turn, the reduction
 along k, broadcast back, replaces the data where k is among the axes; the result (the reduced
-values repeated along the reduced dims) is then cut to its output shape, which is read from the
-axes at run time into fresh size variables (`tensor_to_shape` + `match_cast`), so the output
-and everything after it keep symbolic shapes. It costs one pass over the data per dim of the
-input, for the rare model that needs it; constant axes take TVM's converters as before.
+values repeated along the reduced dims) is then cut to its output shape, computed from the
+axes at run time (`dynamic_strided_slice`), and match_cast to fresh size variables, so the
+output and everything after it keep symbolic shapes. (A static strided_slice to sizes defined
+by a match_cast is not enough: TVM's FuseOps then builds a fused function whose output shape
+uses a variable it does not define.) It costs one pass over the data per dim of the input, for
+the rare model that needs it; constant axes take TVM's converters as before.
 """
 
 from __future__ import annotations
