@@ -1,6 +1,7 @@
 """MTCNN's PNet, RNet and ONet with their real weights (from facenet-pytorch's wheel), through
 torch.export and through ONNX, compared with PyTorch eager at two batch sizes."""
 
+import functools
 import importlib.util
 import sys
 import types
@@ -19,9 +20,11 @@ INPUT_SIDE = {"PNet": 12, "RNet": 24, "ONet": 48}
 TOLERANCE = 1e-4
 
 
+@functools.cache
 def mtcnn_module():
     """facenet_pytorch's mtcnn.py without its package `__init__`, which imports torchvision.
-    The module's only relative import (face-cropping helpers) is stubbed out."""
+    The module's only relative import (face-cropping helpers) is stubbed out. Loaded once per
+    process: the stub packages it leaves in sys.modules have no spec to find the files by."""
     spec = importlib.util.find_spec("facenet_pytorch")
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("facenet-pytorch is not installed (make setup installs it)")
