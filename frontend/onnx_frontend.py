@@ -226,7 +226,7 @@ def _shape_outputs_as_tensors(mod):
         converted.append(field)
     body = relax.Tuple(converted) if is_tuple else converted[0]
     ret_ty = relax.TupleType([f.ty for f in converted]) if is_tuple else converted[0].ty
-    mod = mod.clone() if hasattr(mod, "clone") else mod
+    mod = mod.clone()
     mod["main"] = relax.Function(func.params,
                                  relax.SeqExpr([*seq.blocks, relax.BindingBlock(bindings)], body),
                                  ret_ty, func.is_pure, func.attrs, func.span)

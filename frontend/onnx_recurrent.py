@@ -102,7 +102,7 @@ class _Recurrent(tvm_onnx.OnnxOpConverter):
             state = cls.initial_state(bb, take, inputs, batch, hidden)
             w_d, r_d = take(w), take(r)
             bias_d = take(bias)
-            # every step's input projection at once: [steps * batch, gates * hidden]
+            # every step's input projection at once: [steps, batch, gates * hidden]
             projected = bb.emit(relax.op.matmul(x, relax.op.permute_dims(w_d)))
             ys = [None] * steps
             order = range(steps - 1, -1, -1) if reverse else range(steps)
@@ -144,12 +144,14 @@ class _Recurrent(tvm_onnx.OnnxOpConverter):
     def _gate(value, index, hidden):
         return relax.op.strided_slice(value, [1], [index * hidden], [(index + 1) * hidden])
 
-    @staticmethod
-    def _bias_split(bias_d, hidden, gates):
+    @classmethod
+    def _bias_split(cls, bias_d, hidden):
+        """B = [Wb, Rb], each `gates` blocks of hidden_size."""
         if bias_d is None:
             return None, None
-        return (relax.op.strided_slice(bias_d, [0], [0], [gates * hidden]),
-                relax.op.strided_slice(bias_d, [0], [gates * hidden], [2 * gates * hidden]))
+        width = cls.gates * hidden
+        return (relax.op.strided_slice(bias_d, [0], [0], [width]),
+                relax.op.strided_slice(bias_d, [0], [width], [2 * width]))
 
     @staticmethod
     def _clipped(value, clip):
@@ -164,7 +166,7 @@ class RNN(_Recurrent):
     def step(cls, bb, x_t, state, r_d, bias_d, hidden, functions, clip, take, inputs, attr):
         (h,) = state
         value = relax.op.add(x_t, relax.op.matmul(h, relax.op.permute_dims(r_d)))
-        wb, rb = cls._bias_split(bias_d, hidden, 1)
+        wb, rb = cls._bias_split(bias_d, hidden)
         if wb is not None:
             value = relax.op.add(value, relax.op.add(wb, rb))
         return [bb.emit(functions[0](cls._clipped(value, clip)))]
@@ -178,7 +180,7 @@ class GRU(_Recurrent):
     def step(cls, bb, x_t, state, r_d, bias_d, hidden, functions, clip, take, inputs, attr):
         (h,) = state
         f, g = functions
-        wb, rb = cls._bias_split(bias_d, hidden, 3)
+        wb, rb = cls._bias_split(bias_d, hidden)
         gate = lambda v, i: cls._gate(v, i, hidden)  # noqa: E731
         bias_gate = lambda b, i: relax.op.strided_slice(b, [0], [i * hidden],  # noqa: E731
                                                         [(i + 1) * hidden])
@@ -225,7 +227,7 @@ class LSTM(_Recurrent):
         h, c = state
         f, g, act_h = functions
         value = relax.op.add(x_t, relax.op.matmul(h, relax.op.permute_dims(r_d)))
-        wb, rb = cls._bias_split(bias_d, hidden, 4)
+        wb, rb = cls._bias_split(bias_d, hidden)
         if wb is not None:
             value = relax.op.add(value, relax.op.add(wb, rb))
         value = bb.emit(value)
