@@ -23,6 +23,7 @@ from graft.codegen.rewrites.injective_copies import MarkInjectiveKernels
 from graft.codegen.rewrites.layout_free_weights import MarkLayoutFreeWeights
 from graft.codegen.rewrites.quantized_gemv import QuantizedGEMVKernel
 from graft.codegen.rewrites.symbolic_softmax import SymbolicSoftmax
+from graft.codegen.rewrites.symbolic_var_order import OrderAfterMatchCast
 from graft.codegen.rewrites.matmul_broadcast import MatmulBroadcastWeight
 from graft.codegen.rewrites.prepack_weights import PrepackWeights
 from graft.codegen.schedule import ScheduleKernels
@@ -79,8 +80,10 @@ def lowering_entries(target: tvm.target.Target, weight_layouts: bool = True,
         # a one-row product with an int4 weight: graft's grouped kernel (quantized models)
         *([entry("quantized_gemv_kernel", QuantizedGEMVKernel())] if on_cpu else []),
         entry("fold_constant", relax.transform.FoldConstant()),
-        # fuse element-wise epilogues into their producers
-        entry("fuse_ops", relax.transform.FuseOps()),
+        # fuse element-wise epilogues into their producers (and call each fused group after
+        # the match_cast that defines the run-time sizes it uses, which FuseOps overlooks)
+        entry("fuse_ops", tvm.transform.Sequential([relax.transform.FuseOps(),
+                                                    OrderAfterMatchCast()])),
         entry("fuse_tir", relax.transform.FuseTIR()),
         # a one-row matmul expands its packed weight as it streams it (quantized models)
         *([entry("fuse_dequantize_gemv", FuseDequantizeGEMV())] if on_cpu else []),

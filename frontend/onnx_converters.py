@@ -14,7 +14,8 @@ They replace TVM's converter of the same op type for the duration of an import.
   TVM. They accumulate in int32 exactly as the ONNX reference does, and requantize as it does:
   `round_half_even(acc * (x_scale * w_scale / y_scale)) + y_zero_point`, saturated.
 - Reduce* with axes given as a run-time tensor: onnx_runtime_axes.py.
-- RNN, GRU, LSTM: onnx_recurrent.py. DFT: onnx_dft.py.
+- RNN, GRU, LSTM: onnx_recurrent.py. DFT: onnx_dft.py. Ops whose output shape is a run-time
+  value (window functions): onnx_runtime_shapes.py.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import tvm
 from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
 
-from graft.frontend import onnx_dft, onnx_recurrent, onnx_runtime_axes
+from graft.frontend import onnx_dft, onnx_recurrent, onnx_runtime_axes, onnx_runtime_shapes
 
 
 def _int_or_symbolic(value):
@@ -261,4 +262,4 @@ CONVERTERS = {"Range": Range, "NonMaxSuppression": NonMaxSuppression, "LayerNorm
               "Pow": Pow, "LpNormalization": LpNormalization, "ConstantOfShape": ConstantOfShape, "ConvInteger": ConvInteger,
               "QLinearConv": QLinearConv, "QLinearMatMul": QLinearMatMul,
               **onnx_runtime_axes.CONVERTERS, **onnx_recurrent.CONVERTERS,
-              **onnx_dft.CONVERTERS}
+              **onnx_dft.CONVERTERS, **onnx_runtime_shapes.CONVERTERS}
