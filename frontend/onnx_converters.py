@@ -15,7 +15,7 @@ They replace TVM's converter of the same op type for the duration of an import.
   `round_half_even(acc * (x_scale * w_scale / y_scale)) + y_zero_point`, saturated.
 - Reduce* with axes given as a run-time tensor: onnx_runtime_axes.py.
 - RNN, GRU, LSTM: onnx_recurrent.py. DFT: onnx_dft.py. Ops whose output shape is a run-time
-  value (window functions): onnx_runtime_shapes.py.
+  value (window functions): onnx_runtime_shapes.py. Resize and Upsample: onnx_resize.py.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import tvm
 from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
 
-from graft.frontend import onnx_dft, onnx_recurrent, onnx_runtime_axes, onnx_runtime_shapes
+from graft.frontend import (onnx_dft, onnx_recurrent, onnx_resize, onnx_runtime_axes,
+                            onnx_runtime_shapes)
 
 
 def _int_or_symbolic(value):
@@ -262,4 +263,5 @@ CONVERTERS = {"Range": Range, "NonMaxSuppression": NonMaxSuppression, "LayerNorm
               "Pow": Pow, "LpNormalization": LpNormalization, "ConstantOfShape": ConstantOfShape, "ConvInteger": ConvInteger,
               "QLinearConv": QLinearConv, "QLinearMatMul": QLinearMatMul,
               **onnx_runtime_axes.CONVERTERS, **onnx_recurrent.CONVERTERS,
-              **onnx_dft.CONVERTERS, **onnx_runtime_shapes.CONVERTERS}
+              **onnx_dft.CONVERTERS, **onnx_runtime_shapes.CONVERTERS,
+              **onnx_resize.CONVERTERS}
