@@ -88,5 +88,25 @@ class BlackmanWindow(_Window):
     coefficients = (0.42, -0.5, 0.08)
 
 
+class Expand(tvm_onnx.Expand):
+    """A run-time shape broadcasts as ONNX says, each dim the larger of the data's and the
+    shape's (TVM's converter takes the shape's, even where it is 1 and the data's is not, and
+    reads it with an impure call inside the dataflow block)."""
+
+    @classmethod
+    def _impl_v13(cls, bb, inputs, attr, params):
+        data, shape = inputs
+        if constant_values(shape, params) is not None or isinstance(shape, relax.ShapeExpr):
+            return super()._impl_v13(bb, inputs, attr, params)
+        wanted = sizes_of(bb, shape, params, "expand")
+        dims = list(bb.normalize(data).ty.shape.values)
+        rank = max(len(dims), len(wanted))
+        dims = [1] * (rank - len(dims)) + dims
+        wanted = [1] * (rank - len(wanted)) + wanted
+        return relax.op.broadcast_to(data, relax.ShapeExpr(
+            [tirx.max(tirx.IntImm("int64", d) if isinstance(d, int) else d, w)
+             for d, w in zip(dims, wanted)]))
+
+
 CONVERTERS = {"HannWindow": HannWindow, "HammingWindow": HammingWindow,
-              "BlackmanWindow": BlackmanWindow}
+              "BlackmanWindow": BlackmanWindow, "Expand": Expand}
