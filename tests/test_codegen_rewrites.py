@@ -524,3 +524,64 @@ def test_decode_attention_equals_numpy(queries):
     for past, kind in [(0, "causal"), (15, "causal"), (16, "random"), (129, "causal"),
                        (40, "random"), (6, "empty rows")]:
         _check_attention(vm, queries, past, kind, rng)
+
+
+@I.ir_module(check_well_formed=False)
+class FusedWindowBefore:
+    """What FuseOps leaves for a window of run-time length: the fused group that reads the
+    size n is called before the match_cast that defines n."""
+
+    @R.function(private=True)
+    def fused(x: R.Tensor((), "float32"), sizes: R.Shape(["n"])) -> R.Tensor(("n",), "float32"):
+        n = T.int64()
+        R.func_attr({"Primitive": True})
+        with R.dataflow():
+            ramp = R.arange(0, n, 1, "float32")
+            gv = R.multiply(ramp, x)
+            R.output(gv)
+        return gv
+
+    @R.function
+    def main(x: R.Tensor((), "float32"), length: R.Tensor((1,), "int64")):
+        n = T.int64()
+        cls = FusedWindowBefore
+        with R.dataflow():
+            y = cls.fused(x, R.shape([n]))
+            s = R.tensor_to_shape(length)
+            s1 = R.match_cast(s, R.Shape([n]))
+            R.output(y)
+        return y
+
+
+@I.ir_module
+class FusedWindowAfter:
+    @R.function(private=True)
+    def fused(x: R.Tensor((), "float32"), sizes: R.Shape(["n"])) -> R.Tensor(("n",), "float32"):
+        n = T.int64()
+        R.func_attr({"Primitive": True})
+        with R.dataflow():
+            ramp = R.arange(0, n, 1, "float32")
+            gv = R.multiply(ramp, x)
+            R.output(gv)
+        return gv
+
+    @R.function
+    def main(x: R.Tensor((), "float32"), length: R.Tensor((1,), "int64")):
+        n = T.int64()
+        cls = FusedWindowAfter
+        with R.dataflow():
+            s = R.tensor_to_shape(length)
+            s1 = R.match_cast(s, R.Shape([n]))
+            y = cls.fused(x, R.shape([n]))
+            R.output(y)
+        return y
+
+
+def test_fused_call_moves_after_the_match_cast_of_its_size():
+    from graft.codegen.rewrites.symbolic_var_order import OrderAfterMatchCast
+
+    with pytest.raises(Exception, match="not defined"):
+        relax.analysis.well_formed(FusedWindowBefore)
+    after = OrderAfterMatchCast()(FusedWindowBefore)
+    tvm.ir.assert_structural_equal(after, FusedWindowAfter)
+    relax.analysis.well_formed(after)  # raises if not

@@ -278,3 +278,78 @@ def test_split_with_sizes_given_at_run_time(tmp_path):
         got = runtime(x, sizes)
         for g, e in zip(got, expected, strict=True):
             assert g.shape == e.shape and np.array_equal(g, e)
+
+
+def _resize_model(opset=19, **attrs):
+    node = helper.make_node("Resize", ["x", "", "scales"], ["y"], **attrs)
+    return make_model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 7, 5]),
+                               helper.make_tensor_value_info("scales", TensorProto.FLOAT, [4])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * 4)],
+                      opset=opset)
+
+
+@pytest.mark.parametrize("attrs", [
+    {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"},
+    {"mode": "linear", "coordinate_transformation_mode": "half_pixel"},
+    {"mode": "linear", "coordinate_transformation_mode": "align_corners"},
+    {"mode": "cubic", "antialias": 1},
+], ids=["nearest", "linear", "linear_align_corners", "cubic_antialias"])
+def test_resize_with_scales_given_at_run_time(attrs, tmp_path):
+    """One artifact, scales chosen per call, whole and fractional (where ONNX maps coordinates
+    by the scale, not by the ratio of the lengths): the output follows onnx.reference."""
+    from onnx.reference import ReferenceEvaluator
+
+    model = _resize_model(**attrs)
+    runtime = compile_and_load(model, tmp_path)
+    reference = ReferenceEvaluator(model)
+    x = np.random.default_rng(5).standard_normal((1, 2, 7, 5)).astype(np.float32)
+    for factors in ([1, 1, 2, 3], [1, 1, 0.6, 0.45], [1, 1, 1.7, 1]):
+        scales = np.array(factors, np.float32)
+        (expected,) = reference.run(None, {"x": x, "scales": scales})
+        got = runtime(x, scales)
+        assert got.shape == expected.shape
+        assert max_abs(got, expected) < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["nearest", "linear"])
+def test_resize_by_constant_sizes_matches_onnxruntime(mode, tmp_path):
+    """The usual export: a 2x upsample whose sizes are an initializer."""
+    node = helper.make_node("Resize", ["x", "", "", "sizes"], ["y"], mode=mode)
+    sizes = numpy_helper.from_array(np.array([1, 3, 16, 12], np.int64), "sizes")
+    model = make_model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 6])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 16, 12])],
+                       [sizes], opset=19)
+    x = np.random.default_rng(6).standard_normal((1, 3, 8, 6)).astype(np.float32)
+    (expected,) = ort_run(model, {"x": x}, tmp_path)
+    got = compile_and_load(model, tmp_path)(x)
+    assert got.shape == (1, 3, 16, 12)
+    assert max_abs(got, expected) < 1e-5
+
+
+@pytest.mark.parametrize("periodic", [1, 0])
+def test_window_of_run_time_length(periodic, tmp_path):
+    node = helper.make_node("HannWindow", ["n"], ["w"], periodic=periodic)
+    model = make_model([node], [helper.make_tensor_value_info("n", TensorProto.INT64, [])],
+                       [helper.make_tensor_value_info("w", TensorProto.FLOAT, [None])], opset=17)
+    runtime = compile_and_load(model, tmp_path)
+    for length in (8, 13):
+        period = length if periodic else length - 1
+        expected = np.sin(np.pi * np.arange(length) / period) ** 2
+        got = runtime(np.array(length, np.int64))
+        assert got.shape == (length,)
+        assert max_abs(got, expected) < 1e-6
+
+
+def test_expand_to_a_shape_given_at_run_time(tmp_path):
+    """ONNX broadcasting: a 1 in the shape keeps the data's dim ((3, 1) to [2, 1, 6] is
+    (2, 3, 6))."""
+    node = helper.make_node("Expand", ["x", "shape"], ["y"])
+    model = make_model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 1]),
+                                helper.make_tensor_value_info("shape", TensorProto.INT64, [3])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * 3)], opset=13)
+    runtime = compile_and_load(model, tmp_path)
+    x = np.array([[1.0], [2.0], [3.0]], np.float32)
+    for shape in ([2, 1, 6], [1, 3, 1], [4, 3, 2]):
+        expected = x * np.ones(shape, np.float32)
+        got = runtime(x, np.array(shape, np.int64))
+        assert got.shape == expected.shape and np.array_equal(got, expected)
