@@ -15,7 +15,8 @@ They replace TVM's converter of the same op type for the duration of an import.
   `round_half_even(acc * (x_scale * w_scale / y_scale)) + y_zero_point`, saturated.
 - Reduce* with axes given as a run-time tensor: onnx_runtime_axes.py.
 - RNN, GRU, LSTM: onnx_recurrent.py. DFT: onnx_dft.py. Ops whose output shape is a run-time
-  value (window functions; Expand to a run-time shape): onnx_runtime_shapes.py. Resize and Upsample: onnx_resize.py.
+  value (window functions, Expand, Pad and CenterCropPad with run-time shapes; IsInf, EyeLike and
+  Trilu fixes): onnx_runtime_shapes.py. Resize and Upsample: onnx_resize.py.
 """
 
 from __future__ import annotations

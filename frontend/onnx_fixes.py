@@ -10,7 +10,9 @@ break the importer (a rank-0 ConstantOfShape becomes broadcast_to(x, R.shape([])
 3. every node whose inputs are all constants is evaluated (onnx.reference) and replaced by a
    Constant, to a fixed point; Constants written with value_float(s)/value_int(s)/... become
    `value` tensors. Weights are never touched (only small outputs are folded), and
-   `Shape` of a tensor with symbolic dims is kept, so symbolic dims stay symbolic.
+   `Shape` of a tensor with symbolic dims is kept, so symbolic dims stay symbolic;
+4. a `Shape` that feeds an op TVM's importer cannot give a shape value to (Max, Sub, Div of
+   shapes: the expanded form of CenterCropPad) becomes graft's `ShapeAsTensor`, an int64 tensor.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def apply(model, specs=None):
     except Exception:  # inference is a help, not a requirement
         pass
     model = _fold_static_shapes(model)
-    return _fold_constants(model)
+    return _shapes_as_tensors(_fold_constants(model))
 
 
 def _with_input_shapes(model, specs):
@@ -160,3 +162,28 @@ def _fold_constants(model):
 
 def _has_subgraph(node) -> bool:
     return any(a.type in (5, 10) for a in node.attribute)  # GRAPH, GRAPHS
+
+
+# the ops TVM's importer lets take a shape value (onnx_frontend's shape_compatible_ops)
+SHAPE_VALUE_OPS = {"Reshape", "Resize", "ConstantOfShape", "Gather", "Slice", "Shape", "Expand",
+                   "Concat", "Equal", "Where", "Cast", "CastLike", "Squeeze"}
+
+
+def _shapes_as_tensors(model):
+    from onnx import helper
+
+    consumers: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, set()).add(node.op_type)
+    outputs = {o.name for o in model.graph.output}
+    changed = False
+    for node in model.graph.node:
+        if (node.op_type == "Shape" and node.domain in ("", "ai.onnx")
+                and consumers.get(node.output[0], set()) - SHAPE_VALUE_OPS
+                and node.output[0] not in outputs):
+            node.op_type, node.domain = "ShapeAsTensor", "graft"
+            changed = True
+    if changed and not any(o.domain == "graft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("graft", 1))
+    return model

@@ -108,5 +108,164 @@ class Expand(tvm_onnx.Expand):
              for d, w in zip(dims, wanted)]))
 
 
+class CenterCropPad(tvm_onnx.OnnxOpConverter):
+    """Each listed axis cut or zero-padded, centred, to the length `shape` gives (which may be
+    a run-time value): output position j reads input position j + offset, offset being half
+    the difference of the lengths, rounded toward zero, as the ONNX reference does."""
+
+    @classmethod
+    def _impl_v18(cls, bb, inputs, attr, params):
+        data, shape = inputs
+        data = bb.normalize(data)
+        rank = data.ty.ndim
+        axes = [a + rank if a < 0 else a for a in attr.get("axes", range(rank))]
+        lengths = sizes_of(bb, shape, params, "center_crop_pad")
+        shape = bb.normalize(relax.op.astype(shape, "int64"))
+        int64 = "int64"
+        for position, (axis, length) in enumerate(zip(axes, lengths)):
+            dims = list(data.ty.shape.values)
+            have = relax.op.reshape(relax.op.shape_to_tensor(relax.ShapeExpr([dims[axis]])), ())
+            want = relax.op.take(shape, relax.const(position, int64), axis=0)
+            difference = bb.normalize(relax.op.subtract(have, want))
+            half = relax.op.floor_divide(relax.op.abs(difference), relax.const(2, int64))
+            offset = relax.op.where(relax.op.less(difference, relax.const(0, int64)),
+                                    relax.op.negative(half), half)
+            source = relax.op.add(relax.op.arange(0, length, 1, int64), offset)
+            inside = relax.op.logical_and(
+                relax.op.greater_equal(source, relax.const(0, int64)), relax.op.less(source, have))
+            last = relax.op.subtract(have, relax.const(1, int64))
+            clamped = relax.op.maximum(relax.op.minimum(source, last), relax.const(0, int64))
+            picked = bb.normalize(relax.op.take(data, clamped, axis=axis))
+            mask = relax.op.reshape(inside, [length] + [1] * (rank - axis - 1))
+            data = bb.normalize(relax.op.where(mask, picked, relax.op.zeros_like(picked)))
+        return data
+
+
+class IsInf(tvm_onnx.IsInf):
+    """detect_positive / detect_negative choose which infinities count (TVM ignores them)."""
+
+    @classmethod
+    def _impl_v10(cls, bb, inputs, attr, params):
+        x = inputs[0]
+        found = relax.op.isinf(x)
+        zero = relax.const(0, str(bb.normalize(x).ty.dtype))
+        if not attr.get("detect_positive", 1):
+            found = relax.op.logical_and(found, relax.op.less(x, zero))
+        if not attr.get("detect_negative", 1):
+            found = relax.op.logical_and(found, relax.op.greater(x, zero))
+        return found
+
+
+class EyeLike(tvm_onnx.EyeLike):
+    """The output dtype is the `dtype` attribute where given (TVM refuses one that differs
+    from the input's)."""
+
+    @classmethod
+    def _impl_v9(cls, bb, inputs, attr, params):
+        dtype = (tvm_onnx.get_type(attr["dtype"]) if "dtype" in attr
+                 else str(bb.normalize(inputs[0]).ty.dtype))
+        return relax.op.eye_like(inputs[0], attr.get("k", 0), dtype)
+
+
+class Trilu(tvm_onnx.Trilu):
+    """An empty input is its own result (TVM's converter fails on it)."""
+
+    @classmethod
+    def _impl_v14(cls, bb, inputs, attr, params):
+        dims = bb.normalize(inputs[0]).ty.shape.values
+        if any(isinstance(d, tirx.IntImm) and int(d) == 0 for d in dims):
+            return inputs[0]
+        return super()._impl_v14(bb, inputs, attr, params)
+
+
+def _dim_tensor(dim) -> relax.Expr:
+    """A shape dim (int or symbolic) as an int64 scalar tensor."""
+    return relax.op.reshape(relax.op.shape_to_tensor(relax.ShapeExpr([dim])), ())
+
+
+def _read_along(bb, data, axis, length, shift, mode="constant", fill=None):
+    """`data` read along `axis` at positions j - shift for j < length (shift: int64 scalar
+    tensor); positions outside the input read `fill` (constant), the nearest edge (edge), the
+    mirror image (reflect) or wrap around (wrap)."""
+    int64 = "int64"
+    data = bb.normalize(data)
+    rank = data.ty.ndim
+    have = bb.normalize(_dim_tensor(data.ty.shape.values[axis]))
+    source = bb.normalize(relax.op.subtract(relax.op.arange(0, length, 1, int64), shift))
+    zero, one = relax.const(0, int64), relax.const(1, int64)
+    last = relax.op.subtract(have, one)
+    if mode == "reflect":
+        period = relax.op.maximum(relax.op.multiply(last, relax.const(2, int64)), one)
+        folded = relax.op.floor_mod(source, period)
+        source = relax.op.where(relax.op.less(folded, have), folded,
+                                relax.op.subtract(period, folded))
+    elif mode == "wrap":
+        source = relax.op.floor_mod(source, have)
+    clamped = relax.op.maximum(relax.op.minimum(source, last), zero)
+    picked = bb.normalize(relax.op.take(data, clamped, axis=axis))
+    if mode != "constant":
+        return picked
+    inside = relax.op.logical_and(relax.op.greater_equal(source, zero),
+                                  relax.op.less(source, have))
+    mask = relax.op.reshape(inside, [length] + [1] * (rank - axis - 1))
+    fill = fill if fill is not None else relax.op.zeros_like(picked)
+    return bb.normalize(relax.op.where(mask, picked, fill))
+
+
+class Pad(tvm_onnx.Pad):
+    """Pads given at run time (a crop where negative): each padded axis is a read with shifted
+    positions (`_read_along`), its new length a run-time size."""
+
+    @classmethod
+    def _lower_pad(cls, bb, inputs, attr, params, allowed_modes):
+        inputs = list(inputs) + [None] * (4 - len(inputs))
+        if constant_values(inputs[1], params) is not None:
+            return super()._lower_pad(bb, inputs, attr, params, allowed_modes)
+        mode = attr.get("mode", b"constant").decode("utf-8")
+        if mode not in allowed_modes:
+            raise ValueError(f"Pad mode {mode!r} is not one of {sorted(allowed_modes)}")
+        data = bb.normalize(inputs[0])
+        rank = data.ty.ndim
+        axes = list(range(rank))
+        if inputs[3] is not None:
+            known = constant_values(inputs[3], params)
+            if known is None:
+                raise NotImplementedError("Pad with axes given at run time")
+            axes = [int(a) + rank if a < 0 else int(a) for a in known.reshape(-1)]
+        pads = bb.normalize(relax.op.astype(inputs[1], "int64"))
+        fill = None
+        if inputs[2] is not None and mode == "constant":
+            fill = relax.op.astype(relax.op.reshape(inputs[2], ()), str(data.ty.dtype))
+        int64 = "int64"
+        for position, axis in enumerate(axes):
+            before = relax.op.take(pads, relax.const(position, int64), axis=0)
+            after = relax.op.take(pads, relax.const(position + len(axes), int64), axis=0)
+            have = _dim_tensor(data.ty.shape.values[axis])
+            (length,) = sizes_of(bb, relax.op.add(relax.op.add(have, before), after), params,
+                                 "pad")
+            out_dims = list(data.ty.shape.values)
+            out_dims[axis] = length
+            axis_fill = (None if fill is None else
+                         relax.op.broadcast_to(fill, relax.ShapeExpr(out_dims)))
+            data = _read_along(bb, data, axis, length, bb.normalize(before), mode, axis_fill)
+        return data
+
+
+
+class ShapeAsTensor(tvm_onnx.OnnxOpConverter):
+    """`Shape` as an int64 tensor (onnx_fixes renames a Shape whose consumers cannot take the
+    shape value TVM's converter returns)."""
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        data = bb.normalize(inputs[0])
+        dims = list(data.ty.shape.values)[attr.get("start", 0):attr.get("end")]
+        if not dims:
+            return relax.const(np.zeros((0,), np.int64))
+        return relax.op.shape_to_tensor(relax.ShapeExpr(dims))
+
+
 CONVERTERS = {"HannWindow": HannWindow, "HammingWindow": HammingWindow,
-              "BlackmanWindow": BlackmanWindow, "Expand": Expand}
+              "BlackmanWindow": BlackmanWindow, "Expand": Expand,
+              "CenterCropPad": CenterCropPad, "IsInf": IsInf, "EyeLike": EyeLike, "Trilu": Trilu,
+              "Pad": Pad, "ShapeAsTensor": ShapeAsTensor}
