@@ -353,3 +353,33 @@ def test_expand_to_a_shape_given_at_run_time(tmp_path):
         expected = x * np.ones(shape, np.float32)
         got = runtime(x, np.array(shape, np.int64))
         assert got.shape == expected.shape and np.array_equal(got, expected)
+
+
+def test_center_crop_pad_and_pad_with_run_time_shapes(tmp_path):
+    """CenterCropPad to a shape given per call (crop one axis, pad another) and Pad by pads
+    given per call (negative pads crop), in one artifact each, against onnx.reference and
+    ONNX Runtime (the reference refuses negative pads)."""
+    from onnx.reference import ReferenceEvaluator
+
+    x = np.random.default_rng(7).standard_normal((6, 5)).astype(np.float32)
+    crop = make_model([helper.make_node("CenterCropPad", ["x", "shape"], ["y"])],
+                      [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6, 5]),
+                       helper.make_tensor_value_info("shape", TensorProto.INT64, [2])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * 2)], opset=18)
+    pad = make_model([helper.make_node("Pad", ["x", "pads", "value"], ["y"], mode="constant")],
+                     [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6, 5]),
+                      helper.make_tensor_value_info("pads", TensorProto.INT64, [4]),
+                      helper.make_tensor_value_info("value", TensorProto.FLOAT, [])],
+                     [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * 2)], opset=18)
+    crop_runtime, pad_runtime = (compile_and_load(m, tmp_path / name)
+                                 for m, name in ((crop, "crop"), (pad, "pad")))
+    for shape in ([3, 8], [6, 5], [1, 2]):
+        shape = np.array(shape, np.int64)
+        (expected,) = ReferenceEvaluator(crop).run(None, {"x": x, "shape": shape})
+        got = crop_runtime(x, shape)
+        assert got.shape == expected.shape and np.array_equal(got, expected)
+    for pads in ([1, 0, 2, 3], [0, -2, -1, 1]):
+        feeds = {"x": x, "pads": np.array(pads, np.int64), "value": np.array(-4.0, np.float32)}
+        (expected,) = ort_run(pad, feeds, tmp_path)
+        got = pad_runtime(*feeds.values())
+        assert got.shape == expected.shape and np.array_equal(got, expected)
