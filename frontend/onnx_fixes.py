@@ -11,7 +11,9 @@ break the importer (a rank-0 ConstantOfShape becomes broadcast_to(x, R.shape([])
    Constant, to a fixed point; Constants written with value_float(s)/value_int(s)/... become
    `value` tensors. Weights are never touched (only small outputs are folded), and
    `Shape` of a tensor with symbolic dims is kept, so symbolic dims stay symbolic;
-4. a `Shape` that feeds an op TVM's importer cannot give a shape value to (Max, Sub, Div of
+4. Constants inside subgraphs (If branches) given as value_float(s)/value_int(s) become
+   `value` tensors too;
+5. a `Shape` that feeds an op TVM's importer cannot give a shape value to (Max, Sub, Div of
    shapes: the expanded form of CenterCropPad) becomes graft's `ShapeAsTensor`, an int64 tensor.
 """
 
@@ -33,7 +35,7 @@ def apply(model, specs=None):
     except Exception:  # inference is a help, not a requirement
         pass
     model = _fold_static_shapes(model)
-    return _shapes_as_tensors(_fold_constants(model))
+    return _shapes_as_tensors(_plain_constants_in_subgraphs(_fold_constants(model)))
 
 
 def _with_input_shapes(model, specs):
@@ -186,4 +188,33 @@ def _shapes_as_tensors(model):
             changed = True
     if changed and not any(o.domain == "graft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("graft", 1))
+    return model
+
+
+_PLAIN_CONSTANT_TYPES = {"value_float": np.float32, "value_floats": np.float32,
+                         "value_int": np.int64, "value_ints": np.int64}
+
+
+def _plain_constants_in_subgraphs(model):
+    from onnx import helper, numpy_helper
+
+    def visit(graph, inside):
+        for node in graph.node:
+            for attribute in node.attribute:
+                for sub in ([attribute.g] if attribute.type == 5 else
+                            list(attribute.graphs) if attribute.type == 10 else []):
+                    visit(sub, True)
+            if not (inside and node.op_type == "Constant" and len(node.attribute) == 1):
+                continue
+            attribute = node.attribute[0]
+            dtype = _PLAIN_CONSTANT_TYPES.get(attribute.name)
+            if dtype is None:
+                continue
+            value = np.asarray(helper.get_attribute_value(attribute), dtype)
+            del node.attribute[:]
+            node.attribute.append(helper.make_attribute(
+                "value", numpy_helper.from_array(value, node.output[0])))
+
+    if any(_has_subgraph(node) for node in model.graph.node):
+        visit(model.graph, False)
     return model

@@ -265,7 +265,55 @@ class ShapeAsTensor(tvm_onnx.OnnxOpConverter):
         return relax.op.shape_to_tensor(relax.ShapeExpr(dims))
 
 
+
+class AffineGrid(tvm_onnx.OnnxOpConverter):
+    """theta [N, 2, 3] (or [N, 3, 4]) applied to the normalized grid of `size` [N, C, H, W]
+    (or [N, C, D, H, W]), which may be given at run time: [N, H, W, 2] (or [N, D, H, W, 3])."""
+
+    @classmethod
+    def _impl_v20(cls, bb, inputs, attr, params):
+        theta, size = inputs
+        theta = bb.normalize(theta)
+        align_corners = bool(attr.get("align_corners", 0))
+        spatial = sizes_of(bb, size, params, "affine_grid")[2:]
+        dtype = str(theta.ty.dtype)
+        coordinates = []  # per spatial dim, positions in [-1, 1]
+        for length in spatial:
+            steps = relax.op.arange(0, length, 1, "float32")
+            count = relax.op.astype(relax.op.reshape(
+                relax.op.shape_to_tensor(relax.ShapeExpr([length])), ()), "float32")
+            if align_corners:
+                step = relax.op.divide(relax.const(2.0, "float32"),
+                                       relax.op.subtract(count, relax.const(1.0, "float32")))
+                position = relax.op.subtract(relax.op.multiply(steps, step),
+                                             relax.const(1.0, "float32"))
+            else:
+                position = relax.op.subtract(
+                    relax.op.divide(relax.op.add(relax.op.multiply(steps, relax.const(
+                        2.0, "float32")), relax.const(1.0, "float32")), count),
+                    relax.const(1.0, "float32"))
+            coordinates.append(position)
+        rank = len(spatial)
+        grid_shape = relax.ShapeExpr(list(spatial) + [1])
+        planes = []
+        for dim in reversed(range(rank)):  # x (the last dim) first, then y, then z
+            shape = [1] * rank + [1]
+            shape[dim] = spatial[dim]
+            planes.append(relax.op.broadcast_to(relax.op.reshape(coordinates[dim], shape),
+                                                grid_shape))
+        planes.append(relax.op.ones(grid_shape, "float32"))
+        points = 1
+        for length in spatial:
+            points = points * length
+        grid = relax.op.reshape(relax.op.concat(planes, axis=rank), (points, rank + 1))
+        grid = relax.op.astype(grid, dtype)
+        moved = relax.op.matmul(grid, relax.op.permute_dims(theta, [0, 2, 1]))  # [N, P, rank]
+        batch = theta.ty.shape.values[0]
+        return relax.op.reshape(moved, [batch] + list(spatial) + [rank])
+
+
 CONVERTERS = {"HannWindow": HannWindow, "HammingWindow": HammingWindow,
               "BlackmanWindow": BlackmanWindow, "Expand": Expand,
               "CenterCropPad": CenterCropPad, "IsInf": IsInf, "EyeLike": EyeLike, "Trilu": Trilu,
-              "Pad": Pad, "ShapeAsTensor": ShapeAsTensor}
+              "Pad": Pad, "ShapeAsTensor": ShapeAsTensor,
+              "AffineGrid": AffineGrid}
