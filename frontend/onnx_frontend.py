@@ -280,7 +280,7 @@ def _extra_converters(converters):
 
     from graft.frontend.onnx_converters import CONVERTERS
 
-    class_map = dict(CONVERTERS)
+    class_map = {op.rsplit(".", 1)[-1]: converter for op, converter in CONVERTERS.items()}
     for op, fn in (converters or {}).items():
         class_map[op.rsplit(".", 1)[-1]] = _converter_class(op, fn)
     with _convert_map_lock:

@@ -312,8 +312,33 @@ class AffineGrid(tvm_onnx.OnnxOpConverter):
         return relax.op.reshape(moved, [batch] + list(spatial) + [rank])
 
 
+
+class Binarizer(tvm_onnx.OnnxOpConverter):
+    """ai.onnx.ml: 1 where x > threshold, else 0, in x's type."""
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        x = bb.normalize(inputs[0])
+        dtype = str(x.ty.dtype)
+        above = relax.op.greater(x, relax.const(attr.get("threshold", 0.0), dtype))
+        return relax.op.astype(above, dtype)
+
+
+class ArrayFeatureExtractor(tvm_onnx.OnnxOpConverter):
+    """ai.onnx.ml: the listed columns of the last axis (a 1-D input reads as one row)."""
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        x = bb.normalize(inputs[0])
+        indices = relax.op.reshape(bb.normalize(relax.op.astype(inputs[1], "int64")), (-1,))
+        if x.ty.ndim == 1:
+            x = bb.normalize(relax.op.expand_dims(x, 0))
+        return relax.op.take(x, bb.normalize(indices), axis=x.ty.ndim - 1)
+
+
 CONVERTERS = {"HannWindow": HannWindow, "HammingWindow": HammingWindow,
               "BlackmanWindow": BlackmanWindow, "Expand": Expand,
               "CenterCropPad": CenterCropPad, "IsInf": IsInf, "EyeLike": EyeLike, "Trilu": Trilu,
               "Pad": Pad, "ShapeAsTensor": ShapeAsTensor,
-              "AffineGrid": AffineGrid}
+              "AffineGrid": AffineGrid, "ai.onnx.ml.Binarizer": Binarizer,
+              "ai.onnx.ml.ArrayFeatureExtractor": ArrayFeatureExtractor}
