@@ -13,6 +13,9 @@ They replace TVM's converter of the same op type for the duration of an import.
   quantization of convolutions; static quantization in the QOperator format), are missing from
   TVM. They accumulate in int32 exactly as the ONNX reference does, and requantize as it does:
   `round_half_even(acc * (x_scale * w_scale / y_scale)) + y_zero_point`, saturated.
+- NonMaxSuppression with its limits given at run time: TVM's op takes them as tensors, but its
+  legalization applies a run-time max_output_boxes_per_class as the box count; the rows past
+  the limit in each (batch, class) group are dropped after it.
 - Reduce* with axes given as a run-time tensor: onnx_runtime_axes.py.
 - RNN, GRU, LSTM: onnx_recurrent.py. DFT: onnx_dft.py. Ops whose output shape is a run-time
   value (window functions, Expand, Pad and CenterCropPad with run-time shapes; IsInf, EyeLike and
@@ -247,17 +250,77 @@ class LpNormalization(tvm_onnx.OnnxOpConverter):
 
 class NonMaxSuppression(tvm_onnx.NonMaxSuppression):
     """TVM reads max_output_boxes_per_class, iou_threshold and score_threshold only from
-    constants and silently uses the defaults (0, 0.5, 0) for anything else: refuse instead."""
+    constants and silently uses the defaults (0, 0.5, 0) for anything else; TVM's NMS op takes
+    them as tensors, so here they pass as they are, constant or run-time."""
 
     @classmethod
     def _impl_v10(cls, bb, inputs, attr, params):
-        names = ["max_output_boxes_per_class", "iou_threshold", "score_threshold"]
-        for name, value in zip(names, list(inputs)[2:5]):
-            if value is not None and not isinstance(tvm_onnx.get_constant(value, params),
-                                                    tvm.ir.GenericConst):
-                raise NotImplementedError(f"NonMaxSuppression with {name} given at run time "
-                                          "(graft takes it only as a constant)")
-        return super()._impl_v10(bb, inputs, attr, params)
+        inputs = list(inputs) + [None] * (5 - len(inputs))
+        boxes, scores = inputs[0], inputs[1]
+        defaults = [("int64", 0), ("float32", 0.0), ("float32", 0.0)]
+        limits = []
+        for value, (dtype, default) in zip(inputs[2:5], defaults):
+            if value is None:
+                limits.append(relax.const(default, dtype))
+            else:
+                value = bb.normalize(relax.op.astype(value, dtype))
+                limits.append(relax.op.reshape(value, ()))
+        if attr.get("center_point_box", 0):
+            boxes = bb.normalize(boxes)
+            dtype = str(boxes.ty.dtype)
+            centre_x, centre_y, width, height = (bb.emit(relax.TupleGetItem(parts, i)) for parts
+                                                 in [bb.emit(relax.op.split(boxes, 4, axis=2))]
+                                                 for i in range(4))
+            half_w = relax.op.divide(width, relax.const(2.0, dtype))
+            half_h = relax.op.divide(height, relax.const(2.0, dtype))
+            boxes = relax.op.concat([relax.op.subtract(centre_y, half_h),
+                                     relax.op.subtract(centre_x, half_w),
+                                     relax.op.add(centre_y, half_h),
+                                     relax.op.add(centre_x, half_w)], axis=2)
+        selected = bb.normalize(relax.op.vision.all_class_non_max_suppression(
+            boxes, scores, *limits, output_format="onnx"))
+        rows = bb.emit(relax.TupleGetItem(selected, 0))
+        if inputs[2] is None or isinstance(tvm_onnx.get_constant(inputs[2], params),
+                                           tvm.ir.GenericConst):
+            return rows
+        return _at_most_per_class(bb, rows, bb.normalize(scores), limits[0])
+
+
+def _at_most_per_class(bb, rows, scores, limit):
+    """The first `limit` rows of each (batch, class) group of NMS's [M, 3] output (TVM's
+    kernel applies a run-time max_output_boxes_per_class as if it were the box count). Groups
+    come in order, each sorted by score: a row's rank in its group is its index less the
+    number of rows of the groups before it."""
+    int64 = "int64"
+    batch, classes, _ = scores.ty.shape.values
+    count = tvm.tirx.Var("nms_rows", int64)  # the op's type says B*C*N rows; it returns fewer
+    rows = bb.match_cast(rows, relax.TensorType([count, 3], int64))
+    key = relax.op.add(relax.op.multiply(relax.op.take(rows, relax.const(0, int64), axis=1),
+                                         _dim_tensor(classes)),
+                       relax.op.take(rows, relax.const(1, int64), axis=1))  # [M]
+    groups = relax.op.arange(0, batch * classes, 1, int64)  # [K]
+    before = relax.op.sum(relax.op.astype(relax.op.less(relax.op.expand_dims(key, 0),
+                                                        relax.op.expand_dims(groups, 1)),
+                                          int64), axis=1)  # [K]: rows in earlier groups
+    position = relax.op.arange(0, count, 1, int64)
+    rank = relax.op.subtract(position, relax.op.take(before, key, axis=0))
+    keep = bb.normalize(relax.op.less(rank, limit))
+    order = relax.op.argsort(relax.op.where(keep, position,
+                                            relax.op.add(position, _dim_tensor(count))),
+                             dtype=int64)
+    ordered = relax.op.take(rows, order, axis=0)
+    kept = relax.op.astype(relax.op.sum(relax.op.astype(keep, int64), axis=0, keepdims=True),
+                           int64)
+    end = bb.emit(relax.op.add(relax.op.multiply(kept, relax.const(np.array([1, 0]), int64)),
+                               relax.const(np.array([0, 3]), int64)))  # [kept, 3]
+    trimmed = bb.emit(relax.op.dynamic_strided_slice(
+        ordered, relax.const(np.array([0, 0], np.int64), int64), end,
+        relax.const(np.array([1, 1], np.int64), int64)))
+    return bb.match_cast(trimmed, relax.TensorType([tvm.tirx.Var("selected", int64), 3], int64))
+
+
+def _dim_tensor(dim) -> relax.Expr:
+    return relax.op.reshape(relax.op.shape_to_tensor(relax.ShapeExpr([dim])), ())
 
 
 CONVERTERS = {"Range": Range, "NonMaxSuppression": NonMaxSuppression, "LayerNormalization": LayerNormalization, "CumSum": CumSum,

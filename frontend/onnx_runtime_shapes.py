@@ -261,7 +261,7 @@ class ShapeAsTensor(tvm_onnx.OnnxOpConverter):
         data = bb.normalize(inputs[0])
         dims = list(data.ty.shape.values)[attr.get("start", 0):attr.get("end")]
         if not dims:
-            return relax.const(np.zeros((0,), np.int64))
+            return relax.const(np.zeros((0,), np.int64), "int64")
         return relax.op.shape_to_tensor(relax.ShapeExpr(dims))
 
 

@@ -383,3 +383,31 @@ def test_center_crop_pad_and_pad_with_run_time_shapes(tmp_path):
         (expected,) = ort_run(pad, feeds, tmp_path)
         got = pad_runtime(*feeds.values())
         assert got.shape == expected.shape and np.array_equal(got, expected)
+
+
+def test_non_max_suppression_with_limits_given_at_run_time(tmp_path):
+    """max_output_boxes_per_class and the thresholds fed per call (TVM's converter put in its
+    defaults for them): the selected boxes follow onnx.reference."""
+    from onnx.reference import ReferenceEvaluator
+
+    node = helper.make_node("NonMaxSuppression",
+                            ["boxes", "scores", "max_boxes", "iou", "score_min"], ["selected"])
+    model = make_model([node], [
+        helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [2, 6, 4]),
+        helper.make_tensor_value_info("scores", TensorProto.FLOAT, [2, 3, 6]),
+        helper.make_tensor_value_info("max_boxes", TensorProto.INT64, [1]),
+        helper.make_tensor_value_info("iou", TensorProto.FLOAT, [1]),
+        helper.make_tensor_value_info("score_min", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("selected", TensorProto.INT64, [None, 3])], opset=11)
+    runtime = compile_and_load(model, tmp_path)
+    rng = np.random.default_rng(8)
+    corners = rng.uniform(0, 8, (2, 6, 2)).astype(np.float32)
+    boxes = np.concatenate([corners, corners + rng.uniform(1, 4, (2, 6, 2))], axis=2)
+    boxes = boxes.astype(np.float32)
+    scores = rng.uniform(0, 1, (2, 3, 6)).astype(np.float32)
+    for limit, iou, score_min in ((1, 0.5, 0.0), (3, 0.3, 0.2), (6, 0.9, 0.0)):
+        feeds = {"boxes": boxes, "scores": scores, "max_boxes": np.array([limit]),
+                 "iou": np.array([iou], np.float32), "score_min": np.array([score_min], np.float32)}
+        (expected,) = ReferenceEvaluator(model).run(None, feeds)
+        got = runtime(*feeds.values())
+        assert got.shape == expected.shape and np.array_equal(got, expected), (limit, iou)
