@@ -232,7 +232,7 @@ class Pow(tvm_onnx.Pow):
 
 
 class LpNormalization(tvm_onnx.OnnxOpConverter):
-    """x / ||x||_p along `axis` (p 1 or 2)."""
+    """x / ||x||_p along `axis` (p 1 or 2); zero where the norm is zero, as in the reference."""
 
     @classmethod
     def _impl_v1(cls, bb, inputs, attr, params):
@@ -245,6 +245,9 @@ class LpNormalization(tvm_onnx.OnnxOpConverter):
                                               keepdims=True))
         else:
             raise ValueError(f"LpNormalization takes p = 1 or 2, got {p}")
+        norm = bb.normalize(norm)
+        norm = relax.op.where(relax.op.equal(norm, relax.const(0, str(norm.ty.dtype))),
+                              relax.op.ones_like(norm), norm)  # a zero vector stays zero
         return relax.op.divide(data, norm)
 
 
