@@ -251,6 +251,42 @@ class LpNormalization(tvm_onnx.OnnxOpConverter):
         return relax.op.divide(data, norm)
 
 
+class ConvTranspose(tvm_onnx.ConvTranspose):
+    """`output_shape` (which TVM ignores) sets the padding, as the ONNX spec derives it:
+    total = stride * (in - 1) + output_padding + (kernel - 1) * dilation + 1 - out, split with
+    the larger half at the end for SAME_UPPER and at the start otherwise; a negative total (an
+    output larger than the full one) becomes extra output padding."""
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        if "output_shape" not in attr:
+            return super()._impl_v1(bb, inputs, attr, params)
+        attr = dict(attr)
+        wanted = list(attr.pop("output_shape"))
+        data, weight = bb.normalize(inputs[0]), bb.normalize(inputs[1])
+        spatial = [int(d) for d in data.ty.shape.values[2:]]
+        count = len(spatial)
+        wanted = wanted[-count:]
+        kernel = list(attr.get("kernel_shape", [int(d) for d in weight.ty.shape.values[2:]]))
+        strides = list(attr.get("strides", [1] * count))
+        dilations = list(attr.get("dilations", [1] * count))
+        output_padding = list(attr.get("output_padding", [0] * count))
+        auto_pad = attr.pop("auto_pad", b"NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        begin, end = [], []
+        for i in range(count):
+            total = (strides[i] * (spatial[i] - 1) + output_padding[i]
+                     + (kernel[i] - 1) * dilations[i] + 1 - wanted[i])
+            if total < 0:
+                output_padding[i] -= total
+                total = 0
+            first = total // 2 if auto_pad == "SAME_UPPER" else total - total // 2
+            begin.append(first)
+            end.append(total - first)
+        attr.update(pads=begin + end, output_padding=output_padding)
+        return super()._impl_v1(bb, inputs, attr, params)
+
+
 class NonMaxSuppression(tvm_onnx.NonMaxSuppression):
     """TVM reads max_output_boxes_per_class, iou_threshold and score_threshold only from
     constants and silently uses the defaults (0, 0.5, 0) for anything else; TVM's NMS op takes
@@ -326,7 +362,7 @@ def _dim_tensor(dim) -> relax.Expr:
     return relax.op.reshape(relax.op.shape_to_tensor(relax.ShapeExpr([dim])), ())
 
 
-CONVERTERS = {"Range": Range, "NonMaxSuppression": NonMaxSuppression, "LayerNormalization": LayerNormalization, "CumSum": CumSum,
+CONVERTERS = {"Range": Range, "ConvTranspose": ConvTranspose, "NonMaxSuppression": NonMaxSuppression, "LayerNormalization": LayerNormalization, "CumSum": CumSum,
               "Pow": Pow, "LpNormalization": LpNormalization, "ConstantOfShape": ConstantOfShape, "ConvInteger": ConvInteger,
               "QLinearConv": QLinearConv, "QLinearMatMul": QLinearMatMul,
               **onnx_runtime_axes.CONVERTERS, **onnx_recurrent.CONVERTERS,
