@@ -299,16 +299,19 @@ class NonMaxSuppression(tvm_onnx.NonMaxSuppression):
         defaults = [("int64", 0), ("float32", 0.0), ("float32", 0.0)]
         limits = []
         for value, (dtype, default) in zip(inputs[2:5], defaults):
+            known = None if value is None else tvm_onnx.get_constant(value, params)
             if value is None:
                 limits.append(relax.const(default, dtype))
+            elif isinstance(known, tvm.ir.GenericConst):  # a constant limit sizes the output
+                limits.append(relax.const(known.value.numpy().reshape(()).astype(dtype), dtype))
             else:
                 value = bb.normalize(relax.op.astype(value, dtype))
                 limits.append(relax.op.reshape(value, ()))
         if attr.get("center_point_box", 0):
             boxes = bb.normalize(boxes)
             dtype = str(boxes.ty.dtype)
-            centre_x, centre_y, width, height = (bb.emit(relax.TupleGetItem(parts, i)) for parts
-                                                 in [bb.emit(relax.op.split(boxes, 4, axis=2))]
+            parts = bb.emit(relax.op.split(boxes, 4, axis=2))
+            centre_x, centre_y, width, height = (bb.emit(relax.TupleGetItem(parts, i))
                                                  for i in range(4))
             half_w = relax.op.divide(width, relax.const(2.0, dtype))
             half_h = relax.op.divide(height, relax.const(2.0, dtype))

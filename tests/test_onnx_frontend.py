@@ -411,3 +411,13 @@ def test_non_max_suppression_with_limits_given_at_run_time(tmp_path):
         (expected,) = ReferenceEvaluator(model).run(None, feeds)
         got = runtime(*feeds.values())
         assert got.shape == expected.shape and np.array_equal(got, expected), (limit, iou)
+    # the usual export: the limits are initializers
+    limits = [numpy_helper.from_array(v, n) for n, v in
+              (("max_boxes", np.array([2])), ("iou", np.array([0.4], np.float32)),
+               ("score_min", np.array([0.1], np.float32)))]
+    constant = make_model([node], list(model.graph.input)[:2], list(model.graph.output), limits,
+                          opset=11)
+    feeds = {"boxes": boxes, "scores": scores}
+    (expected,) = ReferenceEvaluator(constant).run(None, feeds)
+    got = compile_and_load(constant, tmp_path / "constant")(boxes, scores)
+    assert got.shape == expected.shape and np.array_equal(got, expected)
