@@ -336,9 +336,57 @@ class ArrayFeatureExtractor(tvm_onnx.OnnxOpConverter):
         return relax.op.take(x, bb.normalize(indices), axis=x.ty.ndim - 1)
 
 
+
+class Det(tvm_onnx.OnnxOpConverter):
+    """Determinant of [..., n, n] by Gaussian elimination with partial pivoting, unrolled over
+    the static n: each step swaps the largest remaining pivot into place (a swap flips the
+    sign), multiplies it into the result and clears the column below it."""
+
+    @classmethod
+    def _impl_v11(cls, bb, inputs, attr, params):
+        matrix = bb.normalize(inputs[0])
+        dtype = str(matrix.ty.dtype)
+        size = matrix.ty.shape.values[-1]
+        if not isinstance(size, tirx.IntImm):
+            raise NotImplementedError("Det of matrices of run-time size")
+        size = int(size)
+        rank = matrix.ty.ndim
+        one, zero = relax.const(1, dtype), relax.const(0, dtype)
+        det = None
+        for k in range(size):
+            column = bb.normalize(relax.op.strided_slice(matrix, [rank - 2, rank - 1], [k, k],
+                                                         [size, k + 1]))
+            column = relax.op.squeeze(column, [rank - 1])  # [..., n - k]
+            pivot_row = relax.op.add(relax.op.argmax(relax.op.abs(column), axis=-1),
+                                     relax.const(k, "int64"))  # [...]
+            pick = relax.op.astype(relax.op.equal(relax.op.expand_dims(pivot_row, -1), relax.const(
+                np.arange(size, dtype=np.int64), "int64")), dtype)  # one-hot, [..., n]
+            pivot_values = relax.op.sum(relax.op.multiply(matrix, relax.op.expand_dims(pick, -1)),
+                                        axis=-2)  # row pivot_row, [..., n]
+            current = relax.op.squeeze(relax.op.strided_slice(matrix, [rank - 2], [k], [k + 1]),
+                                       [rank - 2])  # row k, [..., n]
+            unit = relax.const(np.eye(size, dtype=dtype)[k])
+            swap = relax.op.subtract(pivot_values, current)
+            matrix = bb.normalize(relax.op.add(matrix, relax.op.subtract(
+                relax.op.multiply(relax.op.expand_dims(unit, -1), relax.op.expand_dims(swap, -2)),
+                relax.op.multiply(relax.op.expand_dims(pick, -1), relax.op.expand_dims(swap, -2)))))
+            pivot = bb.normalize(relax.op.take(pivot_values, relax.const(k, "int64"), axis=-1))
+            swapped = relax.op.not_equal(pivot_row, relax.const(k, "int64"))
+            step = relax.op.where(swapped, relax.op.negative(pivot), pivot)
+            det = step if det is None else relax.op.multiply(det, step)
+            safe = relax.op.where(relax.op.equal(pivot, zero), relax.op.ones_like(pivot), pivot)
+            below = relax.const((np.arange(size) > k).astype(dtype))
+            column_k = relax.op.take(matrix, relax.const(k, "int64"), axis=rank - 1)  # [..., n]
+            factor = relax.op.multiply(relax.op.divide(column_k, relax.op.expand_dims(safe, -1)),
+                                       below)
+            matrix = bb.normalize(relax.op.subtract(matrix, relax.op.multiply(
+                relax.op.expand_dims(factor, -1), relax.op.expand_dims(pivot_values, -2))))
+        return det if det is not None else one
+
+
 CONVERTERS = {"HannWindow": HannWindow, "HammingWindow": HammingWindow,
               "BlackmanWindow": BlackmanWindow, "Expand": Expand,
               "CenterCropPad": CenterCropPad, "IsInf": IsInf, "EyeLike": EyeLike, "Trilu": Trilu,
               "Pad": Pad, "ShapeAsTensor": ShapeAsTensor,
               "AffineGrid": AffineGrid, "ai.onnx.ml.Binarizer": Binarizer,
-              "ai.onnx.ml.ArrayFeatureExtractor": ArrayFeatureExtractor}
+              "ai.onnx.ml.ArrayFeatureExtractor": ArrayFeatureExtractor, "Det": Det}

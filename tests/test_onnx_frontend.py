@@ -421,3 +421,17 @@ def test_non_max_suppression_with_limits_given_at_run_time(tmp_path):
     (expected,) = ReferenceEvaluator(constant).run(None, feeds)
     got = compile_and_load(constant, tmp_path / "constant")(boxes, scores)
     assert got.shape == expected.shape and np.array_equal(got, expected)
+
+
+def test_det_matches_numpy(tmp_path):
+    """Batches of 5x5 matrices, one singular and one that needs row swaps (a zero corner)."""
+    model = make_model([helper.make_node("Det", ["x"], ["y"])],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 5, 5])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], opset=11)
+    x = np.random.default_rng(9).standard_normal((4, 5, 5)).astype(np.float32)
+    x[1, 4] = x[1, 0] + x[1, 2]  # singular
+    x[2, 0, 0] = 0.0
+    x[3] = np.eye(5, dtype=np.float32)[[1, 0, 2, 4, 3]]  # a permutation: det +1
+    got = compile_and_load(model, tmp_path)(x)
+    expected = np.linalg.det(x.astype(np.float64))
+    assert np.allclose(got, expected, rtol=1e-4, atol=1e-5), (got, expected)
