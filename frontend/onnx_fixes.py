@@ -14,7 +14,8 @@ break the importer (a rank-0 ConstantOfShape becomes broadcast_to(x, R.shape([])
 4. Constants inside subgraphs (If branches) given as value_float(s)/value_int(s) become
    `value` tensors too;
 5. a `Shape` that feeds an op TVM's importer cannot give a shape value to (Max, Sub, Div of
-   shapes: the expanded form of CenterCropPad) becomes graft's `ShapeAsTensor`, an int64 tensor.
+   shapes: the expanded form of CenterCropPad) becomes graft's `ShapeAsTensor`, an int64 tensor,
+   and a MaxPool that asks for its indices output becomes graft's `MaxPoolWithIndices`.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def apply(model, specs=None):
     except Exception:  # inference is a help, not a requirement
         pass
     model = _fold_static_shapes(model)
-    return _shapes_as_tensors(_plain_constants_in_subgraphs(_fold_constants(model)))
+    return _ops_for_graft_converters(_plain_constants_in_subgraphs(_fold_constants(model)))
 
 
 def _with_input_shapes(model, specs):
@@ -171,7 +172,7 @@ SHAPE_VALUE_OPS = {"Reshape", "Resize", "ConstantOfShape", "Gather", "Slice", "S
                    "Concat", "Equal", "Where", "Cast", "CastLike", "Squeeze"}
 
 
-def _shapes_as_tensors(model):
+def _ops_for_graft_converters(model):
     from onnx import helper
 
     consumers: dict[str, set[str]] = {}
@@ -185,6 +186,10 @@ def _shapes_as_tensors(model):
                 and consumers.get(node.output[0], set()) - SHAPE_VALUE_OPS
                 and node.output[0] not in outputs):
             node.op_type, node.domain = "ShapeAsTensor", "graft"
+            changed = True
+        elif (node.op_type == "MaxPool" and node.domain in ("", "ai.onnx")
+              and len(node.output) == 2 and node.output[1]):
+            node.op_type, node.domain = "MaxPoolWithIndices", "graft"
             changed = True
     if changed and not any(o.domain == "graft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("graft", 1))

@@ -262,7 +262,7 @@ def check_supported(model, converters) -> None:
     from graft.frontend.onnx_converters import CONVERTERS
 
     known = (set(onnx_frontend._get_convert_map()) | set(CONVERTERS) | {"If", "Constant"}
-             | {"graft.ShapeAsTensor"}  # written by onnx_fixes
+             | {f"graft.{op}" for op in CONVERTERS}  # ops onnx_fixes writes
              | set(converters or ()))
     missing: dict[str, list[str]] = {}
     for index, node in enumerate(model.graph.node):

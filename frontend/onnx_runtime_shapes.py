@@ -384,9 +384,67 @@ class Det(tvm_onnx.OnnxOpConverter):
         return det if det is not None else one
 
 
+
+class MaxPoolWithIndices(tvm_onnx.OnnxOpConverter):
+    """2-D MaxPool with its second output, the flat index of each maximum in the input (row
+    major, or column major within a plane for storage_order=1); onnx_fixes gives a MaxPool
+    that asks for it this name. Each kernel tap is a gather at constant positions; a later tap
+    wins only when strictly larger, so the first maximum is kept, as in the reference."""
+
+    @classmethod
+    def _impl_v8(cls, bb, inputs, attr, params):
+        x = bb.normalize(inputs[0])
+        if x.ty.ndim != 4:
+            raise NotImplementedError("MaxPool's indices output for inputs other than 4-D")
+        auto_pad = attr.get("auto_pad", b"NOTSET")
+        if attr.get("ceil_mode", 0) or auto_pad not in (b"NOTSET", "NOTSET"):
+            raise NotImplementedError("MaxPool's indices output with ceil_mode or auto_pad")
+        batch, channels, height, width = x.ty.shape.values
+        height, width = int(height), int(width)
+        kernel = list(attr["kernel_shape"])
+        strides = list(attr.get("strides", [1, 1]))
+        dilations = list(attr.get("dilations", [1, 1]))
+        pads = list(attr.get("pads", [0, 0, 0, 0]))
+        column_major = bool(attr.get("storage_order", 0))
+        extent = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+        out_h = (height + pads[0] + pads[2] - extent[0]) // strides[0] + 1
+        out_w = (width + pads[1] + pads[3] - extent[1]) // strides[1] + 1
+        dtype = str(x.ty.dtype)
+        lowest = relax.const(-np.inf if "float" in dtype else np.iinfo(dtype).min, dtype)
+        best = index = None
+        for a in range(kernel[0]):
+            rows = np.arange(out_h) * strides[0] - pads[0] + a * dilations[0]
+            for b in range(kernel[1]):
+                cols = np.arange(out_w) * strides[1] - pads[1] + b * dilations[1]
+                values = relax.op.take(
+                    relax.op.take(x, relax.const(np.clip(rows, 0, height - 1), "int64"), axis=2),
+                    relax.const(np.clip(cols, 0, width - 1), "int64"), axis=3)
+                inside = ((rows >= 0) & (rows < height))[:, None] & \
+                    ((cols >= 0) & (cols < width))[None, :]
+                values = relax.op.where(relax.const(inside), values, lowest)
+                flat = (rows[:, None] + cols[None, :] * height if column_major
+                        else rows[:, None] * width + cols[None, :]).astype(np.int64)
+                flat = relax.const(flat, "int64")
+                if best is None:
+                    best = bb.normalize(values)
+                    index = bb.normalize(relax.op.broadcast_to(flat, best.ty.shape))
+                    continue
+                better = bb.normalize(relax.op.greater(values, best))
+                best = bb.normalize(relax.op.where(better, values, best))
+                index = bb.normalize(relax.op.where(better, flat, index))
+        planes = relax.op.add(
+            relax.op.multiply(relax.op.expand_dims(relax.op.arange(0, batch, 1, "int64"), 1),
+                              _dim_tensor(channels)),
+            relax.op.expand_dims(relax.op.arange(0, channels, 1, "int64"), 0))  # [N, C]
+        offset = relax.op.multiply(relax.op.reshape(planes, [batch, channels, 1, 1]),
+                                   relax.const(height * width, "int64"))
+        return relax.Tuple([best, bb.normalize(relax.op.add(index, offset))])
+
+
 CONVERTERS = {"HannWindow": HannWindow, "HammingWindow": HammingWindow,
               "BlackmanWindow": BlackmanWindow, "Expand": Expand,
               "CenterCropPad": CenterCropPad, "IsInf": IsInf, "EyeLike": EyeLike, "Trilu": Trilu,
               "Pad": Pad, "ShapeAsTensor": ShapeAsTensor,
               "AffineGrid": AffineGrid, "ai.onnx.ml.Binarizer": Binarizer,
-              "ai.onnx.ml.ArrayFeatureExtractor": ArrayFeatureExtractor, "Det": Det}
+              "ai.onnx.ml.ArrayFeatureExtractor": ArrayFeatureExtractor, "Det": Det,
+              "MaxPoolWithIndices": MaxPoolWithIndices}

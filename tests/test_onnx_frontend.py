@@ -435,3 +435,20 @@ def test_det_matches_numpy(tmp_path):
     got = compile_and_load(model, tmp_path)(x)
     expected = np.linalg.det(x.astype(np.float64))
     assert np.allclose(got, expected, rtol=1e-4, atol=1e-5), (got, expected)
+
+
+@pytest.mark.parametrize("storage_order", [0, 1])
+def test_max_pool_indices_output_matches_onnxruntime(storage_order, tmp_path):
+    node = helper.make_node("MaxPool", ["x"], ["y", "indices"], kernel_shape=[3, 2],
+                            strides=[2, 1], pads=[1, 0, 1, 1], storage_order=storage_order)
+    model = make_model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 7, 6])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+                        helper.make_tensor_value_info("indices", TensorProto.INT64, None)],
+                       opset=12)
+    for output in model.graph.output:
+        output.type.tensor_type.shape.Clear()
+    x = np.random.default_rng(10).standard_normal((2, 3, 7, 6)).astype(np.float32)
+    expected = ort_run(model, {"x": x}, tmp_path)
+    got = compile_and_load(model, tmp_path)(x)
+    for g, e in zip(got, expected, strict=True):
+        assert g.shape == e.shape and np.array_equal(g, e)
