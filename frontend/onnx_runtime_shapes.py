@@ -441,10 +441,77 @@ class MaxPoolWithIndices(tvm_onnx.OnnxOpConverter):
         return relax.Tuple([best, bb.normalize(relax.op.add(index, offset))])
 
 
+
+class TfIdfVectorizer(tvm_onnx.OnnxOpConverter):
+    """n-gram counts over integer tokens, as the ONNX reference counts them: an n-gram of the
+    pool (n within [min_gram_length, max_gram_length]) is counted at every position and every
+    skip distance 1..max_skip_count+1 where its tokens appear that far apart; unigrams once.
+    Each (size, distance) is one vectorized comparison of the input's windows with the pool's
+    n-grams of that size; the counts land on their output columns by a constant 0/1 matrix."""
+
+    @classmethod
+    def _impl_v9(cls, bb, inputs, attr, params):
+        if attr.get("pool_strings"):
+            raise NotImplementedError("TfIdfVectorizer over strings")
+        x = bb.normalize(relax.op.astype(inputs[0], "int64"))
+        one_row = x.ty.ndim == 1
+        if one_row:
+            x = bb.normalize(relax.op.expand_dims(x, 0))
+        length = x.ty.shape.values[1]
+        if not isinstance(length, tirx.IntImm):
+            raise NotImplementedError("TfIdfVectorizer over a run-time number of tokens")
+        length = int(length)
+        pool = np.asarray(attr.get("pool_int64s", []), np.int64)
+        starts = list(attr["ngram_counts"]) + [len(pool)]
+        columns = np.asarray(attr["ngram_indexes"], np.int64)
+        width = int(columns.max()) + 1 if columns.size else 0
+        low, high = attr["min_gram_length"], attr["max_gram_length"]
+        distances = attr.get("max_skip_count", 0) + 1
+        total, first_id = None, 0
+        for size, (begin, end) in enumerate(zip(starts[:-1], starts[1:]), start=1):
+            grams = pool[begin:end].reshape(-1, size)
+            ids = range(first_id, first_id + len(grams))
+            first_id += len(grams)
+            if not low <= size <= high or not len(grams):
+                continue
+            counts = None
+            for distance in range(1, (1 if size == 1 else distances) + 1):
+                positions = length - (size - 1) * distance
+                if positions <= 0:
+                    continue
+                windows = relax.op.concat([relax.op.expand_dims(relax.op.strided_slice(
+                    x, [1], [k * distance], [k * distance + positions]), 2)
+                    for k in range(size)], axis=2)  # [B, L, n]
+                same = relax.op.equal(relax.op.expand_dims(windows, 2),
+                                      relax.const(grams[None, None], "int64"))  # [B, L, P, n]
+                found = relax.op.min(relax.op.astype(same, "float32"), axis=3)
+                here = relax.op.sum(found, axis=1)  # [B, P]
+                counts = here if counts is None else relax.op.add(counts, here)
+            if counts is None:
+                continue
+            spread = np.zeros((len(grams), width), np.float32)
+            spread[np.arange(len(grams)), columns[list(ids)]] = 1.0
+            placed = relax.op.matmul(counts, relax.const(spread))
+            total = placed if total is None else relax.op.add(total, placed)
+        batch = x.ty.shape.values[0]
+        if total is None:
+            total = relax.op.zeros(relax.ShapeExpr([batch, width]), "float32")
+        weights = attr.get("weights")
+        mode = attr.get("mode", b"TF")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        if mode == "IDF":
+            present = relax.op.astype(relax.op.greater(total, relax.const(0.0)), "float32")
+            total = (relax.op.multiply(present, relax.const(np.asarray(weights, np.float32)))
+                     if weights else present)
+        elif mode == "TFIDF" and weights:
+            total = relax.op.multiply(total, relax.const(np.asarray(weights, np.float32)))
+        return relax.op.squeeze(total, [0]) if one_row else total
+
+
 CONVERTERS = {"HannWindow": HannWindow, "HammingWindow": HammingWindow,
               "BlackmanWindow": BlackmanWindow, "Expand": Expand,
               "CenterCropPad": CenterCropPad, "IsInf": IsInf, "EyeLike": EyeLike, "Trilu": Trilu,
               "Pad": Pad, "ShapeAsTensor": ShapeAsTensor,
               "AffineGrid": AffineGrid, "ai.onnx.ml.Binarizer": Binarizer,
               "ai.onnx.ml.ArrayFeatureExtractor": ArrayFeatureExtractor, "Det": Det,
-              "MaxPoolWithIndices": MaxPoolWithIndices}
+              "MaxPoolWithIndices": MaxPoolWithIndices, "TfIdfVectorizer": TfIdfVectorizer}

@@ -452,3 +452,21 @@ def test_max_pool_indices_output_matches_onnxruntime(storage_order, tmp_path):
     got = compile_and_load(model, tmp_path)(x)
     for g, e in zip(got, expected, strict=True):
         assert g.shape == e.shape and np.array_equal(g, e)
+
+
+@pytest.mark.parametrize("mode", ["TF", "IDF", "TFIDF"])
+def test_tfidf_vectorizer_matches_the_reference(mode, tmp_path):
+    """Unigrams, bigrams and trigrams with skips, weighted, over a batch of token rows."""
+    from onnx.reference import ReferenceEvaluator
+
+    node = helper.make_node(
+        "TfIdfVectorizer", ["x"], ["y"], mode=mode, min_gram_length=1, max_gram_length=3,
+        max_skip_count=2, ngram_counts=[0, 3, 7], ngram_indexes=[6, 0, 1, 2, 3, 4, 5],
+        pool_int64s=[2, 3, 5, 2, 3, 3, 5, 5, 2, 2, 2, 3, 5],
+        weights=[1.0, 2.0, 3.0, 0.5, 5.0, 6.0, 7.0])
+    model = make_model([node], [helper.make_tensor_value_info("x", TensorProto.INT32, [3, 9])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 7])], opset=9)
+    x = np.random.default_rng(11).integers(1, 6, (3, 9)).astype(np.int32)
+    (expected,) = ReferenceEvaluator(model).run(None, {"x": x})
+    got = compile_and_load(model, tmp_path)(x)
+    assert got.shape == expected.shape and np.array_equal(got, expected)
