@@ -5,7 +5,8 @@ can see directly. Real exports compute many constants at run time (ConstantOfSha
 shape, Shape of a statically shaped tensor, arithmetic on those), and some of those patterns
 break the importer (a rank-0 ConstantOfShape becomes broadcast_to(x, R.shape([]))). Here:
 
-1. ONNX shape inference with data propagation, so value shapes are known;
+1. ONNX shape inference with data propagation, so value shapes are known; a Scan of static
+   length is unrolled (onnx_scan.py);
 2. `Shape` of a tensor whose shape is fully static becomes a constant;
 3. every node whose inputs are all constants is evaluated (onnx.reference) and replaced by a
    Constant, to a fixed point; Constants written with value_float(s)/value_int(s)/... become
@@ -22,21 +23,29 @@ from __future__ import annotations
 
 import numpy as np
 
+from graft.frontend import onnx_scan
+
 MAX_FOLDED_ELEMENTS = 1 << 16
 _NOT_FOLDED = {"Constant", "RandomNormal", "RandomUniform", "RandomNormalLike",
                "RandomUniformLike", "Multinomial", "Bernoulli"}
 
 
 def apply(model, specs=None):
-    import onnx
-
     model = _with_input_shapes(model, specs)
-    try:
-        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:  # inference is a help, not a requirement
-        pass
+    model = _inferred(model)
+    if any(node.op_type == "Scan" for node in model.graph.node):
+        model = _inferred(onnx_scan.unroll_scans(_copy(model), _static_shapes(model.graph)))
     model = _fold_static_shapes(model)
     return _ops_for_graft_converters(_plain_constants_in_subgraphs(_fold_constants(model)))
+
+
+def _inferred(model):
+    import onnx
+
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # inference is a help, not a requirement
+        return model
 
 
 def _with_input_shapes(model, specs):

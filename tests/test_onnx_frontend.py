@@ -470,3 +470,41 @@ def test_tfidf_vectorizer_matches_the_reference(mode, tmp_path):
     (expected,) = ReferenceEvaluator(model).run(None, {"x": x})
     got = compile_and_load(model, tmp_path)(x)
     assert got.shape == expected.shape and np.array_equal(got, expected)
+
+
+def test_scan_is_unrolled_in_both_directions(tmp_path):
+    """A running sum over x (forward) and a running product over w (scanned in reverse along
+    axis 1), the per-step outputs stacked along axis 1, against numpy (onnx.reference has no
+    reverse direction)."""
+    f2 = TensorProto.FLOAT
+    body = helper.make_graph(
+        [helper.make_node("Add", ["s_in", "x_t"], ["s_out"]),
+         helper.make_node("Mul", ["p_in", "w_t"], ["p_out"]),
+         helper.make_node("Sub", ["s_out", "p_out"], ["d"])],
+        "body", [helper.make_tensor_value_info(n, f2, [3]) for n in ("s_in", "p_in", "x_t", "w_t")],
+        [helper.make_tensor_value_info(n, f2, [3]) for n in ("s_out", "p_out", "d")])
+    node = helper.make_node("Scan", ["s0", "p0", "x", "w"], ["s", "p", "ds"], body=body,
+                            num_scan_inputs=2, scan_input_axes=[0, 1],
+                            scan_input_directions=[0, 1], scan_output_axes=[1])
+    model = make_model([node], [helper.make_tensor_value_info("s0", f2, [3]),
+                                helper.make_tensor_value_info("p0", f2, [3]),
+                                helper.make_tensor_value_info("x", f2, [4, 3]),
+                                helper.make_tensor_value_info("w", f2, [3, 4])],
+                       [helper.make_tensor_value_info(n, f2, None) for n in ("s", "p", "ds")],
+                       opset=16)
+    for output in model.graph.output:
+        output.type.tensor_type.shape.Clear()
+    rng = np.random.default_rng(12)
+    feeds = {"s0": rng.standard_normal(3).astype(np.float32),
+             "p0": np.ones(3, np.float32),
+             "x": rng.standard_normal((4, 3)).astype(np.float32),
+             "w": rng.uniform(0.5, 2.0, (3, 4)).astype(np.float32)}
+    total, product, steps = feeds["s0"], feeds["p0"], []
+    for t in range(4):
+        total = total + feeds["x"][t]
+        product = product * feeds["w"][:, 3 - t]
+        steps.append(total - product)
+    expected = [total, product, np.stack(steps, axis=1)]
+    got = compile_and_load(model, tmp_path)(*feeds.values())
+    for g, e in zip(got, expected, strict=True):
+        assert g.shape == e.shape and max_abs(g, e) < 1e-5
