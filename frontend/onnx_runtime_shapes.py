@@ -96,7 +96,10 @@ class Expand(tvm_onnx.Expand):
     @classmethod
     def _impl_v13(cls, bb, inputs, attr, params):
         data, shape = inputs
-        if constant_values(shape, params) is not None or isinstance(shape, relax.ShapeExpr):
+        known = constant_values(shape, params)
+        if known is not None:  # as a constant (an initializer reaches TVM's converter as a var)
+            return super()._impl_v13(bb, [data, relax.const(known, "int64")], attr, params)
+        if isinstance(shape, relax.ShapeExpr):
             return super()._impl_v13(bb, inputs, attr, params)
         wanted = sizes_of(bb, shape, params, "expand")
         dims = list(bb.normalize(data).ty.shape.values)
@@ -508,10 +511,85 @@ class TfIdfVectorizer(tvm_onnx.OnnxOpConverter):
         return relax.op.squeeze(total, [0]) if one_row else total
 
 
+
+class Col2Im(tvm_onnx.OnnxOpConverter):
+    """Blocks [N, C * prod(block), L] summed back into images [N, C, *image_shape], the image and
+    block shapes constant or given at run time: every input element's target position is
+    computed (its channel, block offset and block index decomposed row-major, then stride,
+    padding and dilation applied) and the elements are scatter-added there; those that land in
+    the padding go to one extra slot, dropped at the end."""
+
+    @classmethod
+    def _impl_v18(cls, bb, inputs, attr, params):
+        data, image_shape, block_shape = inputs
+        data = bb.normalize(data)
+        batch, merged, blocks = data.ty.shape.values
+        image = sizes_of(bb, image_shape, params, "col2im_image")
+        count = len(image)
+        strides = list(attr.get("strides", [1] * count))
+        dilations = list(attr.get("dilations", [1] * count))
+        pads = list(attr.get("pads", [0] * (2 * count)))
+        int64 = "int64"
+
+        def ints(value):
+            return relax.const(value, int64)
+
+        image_shape = bb.normalize(relax.op.astype(image_shape, int64))
+        block_shape = bb.normalize(relax.op.astype(block_shape, int64))
+        image_t = [relax.op.take(image_shape, ints(d), axis=0) for d in range(count)]
+        block_t = [relax.op.take(block_shape, ints(d), axis=0) for d in range(count)]
+        per_channel = block_t[0]
+        for b in block_t[1:]:
+            per_channel = relax.op.multiply(per_channel, b)
+        (channels,) = sizes_of(bb, relax.op.floor_divide(_dim_tensor(merged), per_channel),
+                               params, "col2im_channels")
+        grid = [batch, merged, blocks]
+        n, ci, cell = (relax.op.reshape(relax.op.arange(0, grid[a], 1, int64),
+                                        [grid[a] if b == a else 1 for b in range(3)])
+                       for a in range(3))
+        channel = relax.op.floor_divide(ci, per_channel)
+        offset, along = relax.op.floor_mod(ci, per_channel), [None] * count
+        counts = []
+        for d in range(count):
+            extent = relax.op.add(relax.op.multiply(relax.op.subtract(block_t[d], ints(1)),
+                                                    ints(dilations[d])), ints(1))
+            room = relax.op.add(image_t[d], ints(pads[d] + pads[count + d]))
+            counts.append(relax.op.add(relax.op.floor_divide(
+                relax.op.subtract(room, extent), ints(strides[d])), ints(1)))
+        block_index = [None] * count
+        for d in reversed(range(count)):  # row-major: the last dim varies fastest
+            along[d] = relax.op.floor_mod(offset, block_t[d])
+            offset = relax.op.floor_divide(offset, block_t[d])
+            block_index[d] = relax.op.floor_mod(cell, counts[d])
+            cell = relax.op.floor_divide(cell, counts[d])
+        target, inside = relax.op.add(relax.op.multiply(n, _dim_tensor(channels)), channel), None
+        for d in range(count):
+            position = relax.op.add(relax.op.subtract(
+                relax.op.multiply(block_index[d], ints(strides[d])), ints(pads[d])),
+                relax.op.multiply(along[d], ints(dilations[d])))
+            fits = relax.op.logical_and(relax.op.greater_equal(position, ints(0)),
+                                        relax.op.less(position, image_t[d]))
+            inside = fits if inside is None else relax.op.logical_and(inside, fits)
+            target = relax.op.add(relax.op.multiply(target, image_t[d]), position)
+        total = batch * channels
+        for length in image:
+            total = total * length
+        target = relax.op.where(inside, target, _dim_tensor(total))
+        target = relax.op.reshape(bb.normalize(relax.op.broadcast_to(target, data.ty.shape)),
+                                  (batch * merged * blocks,))
+        summed = relax.op.scatter_elements(
+            relax.op.zeros(relax.ShapeExpr([total + 1]), str(data.ty.dtype)),
+            bb.normalize(target), relax.op.reshape(data, (batch * merged * blocks,)),
+            axis=0, reduction="add")
+        kept = bb.normalize(relax.op.strided_slice(summed, [0], [0], [total]))
+        return relax.op.reshape(kept, [batch, channels, *image])
+
+
 CONVERTERS = {"HannWindow": HannWindow, "HammingWindow": HammingWindow,
               "BlackmanWindow": BlackmanWindow, "Expand": Expand,
               "CenterCropPad": CenterCropPad, "IsInf": IsInf, "EyeLike": EyeLike, "Trilu": Trilu,
               "Pad": Pad, "ShapeAsTensor": ShapeAsTensor,
               "AffineGrid": AffineGrid, "ai.onnx.ml.Binarizer": Binarizer,
               "ai.onnx.ml.ArrayFeatureExtractor": ArrayFeatureExtractor, "Det": Det,
-              "MaxPoolWithIndices": MaxPoolWithIndices, "TfIdfVectorizer": TfIdfVectorizer}
+              "MaxPoolWithIndices": MaxPoolWithIndices, "TfIdfVectorizer": TfIdfVectorizer,
+              "Col2Im": Col2Im}

@@ -508,3 +508,36 @@ def test_scan_is_unrolled_in_both_directions(tmp_path):
     got = compile_and_load(model, tmp_path)(*feeds.values())
     for g, e in zip(got, expected, strict=True):
         assert g.shape == e.shape and max_abs(g, e) < 1e-5
+
+
+def test_expand_to_an_initializer_shape(tmp_path):
+    """TVM's converter took an initializer shape for a run-time one (an impure call in the
+    dataflow block); graft reads it as the constant it is."""
+    node = helper.make_node("Expand", ["x", "shape"], ["y"])
+    shape = numpy_helper.from_array(np.array([2, 1, 4], np.int64), "shape")
+    model = make_model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 1])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 4])],
+                       [shape], opset=13)
+    x = np.array([[1.0], [2.0], [3.0]], np.float32)
+    got = compile_and_load(model, tmp_path)(x)
+    assert np.array_equal(got, x * np.ones((2, 1, 4), np.float32))
+
+
+def test_col2im_with_shapes_given_at_run_time(tmp_path):
+    """One artifact, image and block shapes per call, with strides, pads and dilations."""
+    from onnx.reference import ReferenceEvaluator
+
+    node = helper.make_node("Col2Im", ["x", "image", "block"], ["y"], strides=[2, 1],
+                            pads=[1, 0, 0, 1], dilations=[1, 2])
+    model = make_model([node], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 12, 12]),
+                                helper.make_tensor_value_info("image", TensorProto.INT64, [2]),
+                                helper.make_tensor_value_info("block", TensorProto.INT64, [2])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * 4)],
+                       opset=18)
+    runtime = compile_and_load(model, tmp_path)
+    x = np.random.default_rng(13).standard_normal((2, 12, 12)).astype(np.float32)
+    for image, block in (([6, 7], [2, 3]), ([7, 5], [3, 2])):
+        feeds = {"x": x, "image": np.array(image), "block": np.array(block)}
+        (expected,) = ReferenceEvaluator(model).run(None, feeds)
+        got = runtime(*feeds.values())
+        assert got.shape == expected.shape and max_abs(got, expected) < 1e-5
