@@ -585,6 +585,81 @@ class Col2Im(tvm_onnx.OnnxOpConverter):
         return relax.op.reshape(kept, [batch, channels, *image])
 
 
+
+class DeformConv(tvm_onnx.OnnxOpConverter):
+    """2-D deformable convolution: each kernel tap samples the input bilinearly (zero outside)
+    at its position moved by the offset input (per offset group), weighted by the optional
+    mask; the samples are then one grouped matmul with the weights."""
+
+    @classmethod
+    def _impl_v19(cls, bb, inputs, attr, params):
+        inputs = list(inputs) + [None] * (5 - len(inputs))
+        x, weight, offset, bias, mask = (bb.normalize(v) if v is not None else None
+                                         for v in inputs)
+        if x.ty.ndim != 4:
+            raise NotImplementedError("DeformConv other than 2-D")
+        batch, channels, height, width = (int(d) for d in x.ty.shape.values)
+        out_channels, _, kh, kw = (int(d) for d in weight.ty.shape.values)
+        out_h, out_w = (int(d) for d in offset.ty.shape.values[2:])
+        group, offset_group = attr.get("group", 1), attr.get("offset_group", 1)
+        strides = list(attr.get("strides", [1, 1]))
+        dilations = list(attr.get("dilations", [1, 1]))
+        pads = list(attr.get("pads", [0, 0, 0, 0]))
+        dtype = str(x.ty.dtype)
+        taps, points = kh * kw, out_h * out_w
+        rows = (np.arange(out_h)[None, :, None] * strides[0] - pads[0]
+                + (np.arange(kh) * dilations[0]).repeat(kw)[:, None, None])
+        cols = (np.arange(out_w)[None, None, :] * strides[1] - pads[1]
+                + np.tile(np.arange(kw) * dilations[1], kh)[:, None, None])
+        base_y = np.broadcast_to(rows, (taps, out_h, out_w)).reshape(taps, points)
+        base_x = np.broadcast_to(cols, (taps, out_h, out_w)).reshape(taps, points)
+        moved = relax.op.reshape(offset, (batch, offset_group, taps, 2, points))
+        y = bb.normalize(relax.op.add(relax.const(base_y.astype(dtype)),
+                                      relax.op.squeeze(relax.op.strided_slice(
+                                          moved, [3], [0], [1]), [3])))  # [N, G, T, P]
+        x_pos = bb.normalize(relax.op.add(relax.op.squeeze(relax.op.strided_slice(
+            moved, [3], [1], [2]), [3]), relax.const(base_x.astype(dtype))))
+        scale = (relax.op.reshape(mask, (batch, offset_group, taps, points)) if mask is not None
+                 else None)
+        top, left = bb.normalize(relax.op.floor(y)), bb.normalize(relax.op.floor(x_pos))
+        down, right = relax.op.subtract(y, top), relax.op.subtract(x_pos, left)
+        one = relax.const(1.0, dtype)
+        per_group = channels // offset_group
+        flat = relax.op.reshape(x, (batch, offset_group, per_group, height * width))
+        sampled = None
+        for dy, wy in ((0, relax.op.subtract(one, down)), (1, down)):
+            for dx, wx in ((0, relax.op.subtract(one, right)), (1, right)):
+                row = relax.op.add(top, relax.const(float(dy), dtype))
+                col = relax.op.add(left, relax.const(float(dx), dtype))
+                inside = relax.op.logical_and(
+                    relax.op.logical_and(relax.op.greater_equal(row, relax.const(0.0, dtype)),
+                                         relax.op.less(row, relax.const(float(height), dtype))),
+                    relax.op.logical_and(relax.op.greater_equal(col, relax.const(0.0, dtype)),
+                                         relax.op.less(col, relax.const(float(width), dtype))))
+                share = relax.op.multiply(relax.op.multiply(wy, wx),
+                                          relax.op.astype(inside, dtype))
+                if scale is not None:
+                    share = relax.op.multiply(share, scale)
+                row = relax.op.clip(relax.op.astype(row, "int64"), 0, height - 1)
+                col = relax.op.clip(relax.op.astype(col, "int64"), 0, width - 1)
+                index = relax.op.add(relax.op.multiply(row, relax.const(width, "int64")), col)
+                index = relax.op.broadcast_to(
+                    relax.op.reshape(index, (batch, offset_group, 1, taps * points)),
+                    (batch, offset_group, per_group, taps * points))
+                values = relax.op.gather_elements(flat, index, axis=3)
+                term = relax.op.multiply(values, relax.op.reshape(
+                    share, (batch, offset_group, 1, taps * points)))
+                sampled = term if sampled is None else relax.op.add(sampled, term)
+        reduce = channels // group * taps
+        columns = relax.op.reshape(sampled, (batch, group, reduce, points))
+        kernel = relax.op.reshape(weight, (1, group, out_channels // group, reduce))
+        result = relax.op.reshape(relax.op.matmul(kernel, columns),
+                                  (batch, out_channels, out_h, out_w))
+        if bias is not None:
+            result = relax.op.add(result, relax.op.reshape(bias, (1, out_channels, 1, 1)))
+        return result
+
+
 CONVERTERS = {"HannWindow": HannWindow, "HammingWindow": HammingWindow,
               "BlackmanWindow": BlackmanWindow, "Expand": Expand,
               "CenterCropPad": CenterCropPad, "IsInf": IsInf, "EyeLike": EyeLike, "Trilu": Trilu,
@@ -592,4 +667,4 @@ CONVERTERS = {"HannWindow": HannWindow, "HammingWindow": HammingWindow,
               "AffineGrid": AffineGrid, "ai.onnx.ml.Binarizer": Binarizer,
               "ai.onnx.ml.ArrayFeatureExtractor": ArrayFeatureExtractor, "Det": Det,
               "MaxPoolWithIndices": MaxPoolWithIndices, "TfIdfVectorizer": TfIdfVectorizer,
-              "Col2Im": Col2Im}
+              "Col2Im": Col2Im, "DeformConv": DeformConv}

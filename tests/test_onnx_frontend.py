@@ -541,3 +541,24 @@ def test_col2im_with_shapes_given_at_run_time(tmp_path):
         (expected,) = ReferenceEvaluator(model).run(None, feeds)
         got = runtime(*feeds.values())
         assert got.shape == expected.shape and max_abs(got, expected) < 1e-5
+
+
+def test_deform_conv_matches_the_reference(tmp_path):
+    """Two groups, two offset groups, stride, dilation, padding, mask and bias; random
+    fractional offsets, some moving taps outside the image."""
+    from onnx.reference import ReferenceEvaluator
+
+    node = helper.make_node("DeformConv", ["x", "w", "offset", "b", "mask"], ["y"],
+                            group=2, offset_group=2, strides=[2, 1], dilations=[1, 2],
+                            pads=[1, 1, 1, 1], kernel_shape=[3, 2])
+    f = TensorProto.FLOAT
+    shapes = {"x": [1, 4, 6, 5], "w": [6, 2, 3, 2], "offset": [1, 24, 3, 5], "b": [6],
+              "mask": [1, 12, 3, 5]}
+    model = make_model([node], [helper.make_tensor_value_info(n, f, s) for n, s in shapes.items()],
+                       [helper.make_tensor_value_info("y", f, [1, 6, 3, 5])], opset=19)
+    rng = np.random.default_rng(14)
+    feeds = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+    feeds["offset"] *= 1.5
+    (expected,) = ReferenceEvaluator(model).run(None, feeds)
+    got = compile_and_load(model, tmp_path)(*feeds.values())
+    assert got.shape == expected.shape and max_abs(got, expected) < 1e-4
