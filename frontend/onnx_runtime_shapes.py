@@ -660,6 +660,66 @@ class DeformConv(tvm_onnx.OnnxOpConverter):
         return result
 
 
+
+class STFT(tvm_onnx.OnnxOpConverter):
+    """Short-time Fourier transform: frames of frame_length every frame_step samples (both may
+    be given at run time; a window fixes the length), windowed, each multiplied by the DFT
+    matrix (angles reduced modulo the length in integers, so they stay accurate)."""
+
+    @classmethod
+    def _impl_v17(cls, bb, inputs, attr, params):
+        inputs = list(inputs) + [None] * (4 - len(inputs))
+        signal, step, window, frame_length = inputs
+        signal = bb.normalize(signal)
+        batch, samples, parts = signal.ty.shape.values
+        int64 = "int64"
+        if window is not None:
+            window = bb.normalize(window)
+            length = window.ty.shape.values[0]
+        elif frame_length is not None:
+            (length,) = sizes_of(bb, frame_length, params, "stft_length")
+        else:
+            length = samples
+        step = bb.normalize(relax.op.astype(relax.op.reshape(step, ()), int64))
+        length_t = _dim_tensor(length)
+        (frames,) = sizes_of(bb, relax.op.add(relax.op.floor_divide(
+            relax.op.subtract(_dim_tensor(samples), length_t), step), relax.const(1, int64)),
+            params, "stft_frames")
+        onesided = bool(attr.get("onesided", 1))
+        if onesided and isinstance(length, (int, tirx.IntImm)):
+            bins = int(length) // 2 + 1
+        elif onesided:
+            (bins,) = sizes_of(bb, relax.op.add(relax.op.floor_divide(
+                length_t, relax.const(2, int64)), relax.const(1, int64)), params, "stft_bins")
+        else:
+            bins = length
+        starts = relax.op.multiply(relax.op.arange(0, frames, 1, int64), step)
+        index = relax.op.add(relax.op.expand_dims(starts, 1),
+                             relax.op.expand_dims(relax.op.arange(0, length, 1, int64), 0))
+        framed = relax.op.take(signal, bb.normalize(index), axis=1)  # [N, frames, length, 2|1]
+        dtype = str(signal.ty.dtype)
+        real = relax.op.take(framed, relax.const(0, int64), axis=3)
+        imag = (relax.op.take(framed, relax.const(1, int64), axis=3)
+                if isinstance(parts, tirx.IntImm) and int(parts) == 2 else None)
+        if window is not None:
+            real = relax.op.multiply(real, window)
+            imag = relax.op.multiply(imag, window) if imag is not None else None
+        product = relax.op.floor_mod(relax.op.multiply(
+            relax.op.expand_dims(relax.op.arange(0, length, 1, int64), 1),
+            relax.op.expand_dims(relax.op.arange(0, bins, 1, int64), 0)), length_t)
+        angle = relax.op.divide(relax.op.multiply(relax.op.astype(product, "float64"),
+                                                  relax.const(2 * math.pi, "float64")),
+                                relax.op.astype(length_t, "float64"))  # [length, bins]
+        cos = bb.normalize(relax.op.astype(relax.op.cos(angle), dtype))
+        sin = bb.normalize(relax.op.astype(relax.op.sin(angle), dtype))
+        out_real = relax.op.matmul(real, cos)
+        out_imag = relax.op.negative(relax.op.matmul(real, sin))
+        if imag is not None:
+            out_real = relax.op.add(out_real, relax.op.matmul(imag, sin))
+            out_imag = relax.op.add(out_imag, relax.op.matmul(imag, cos))
+        return relax.op.stack([out_real, out_imag], axis=3)
+
+
 CONVERTERS = {"HannWindow": HannWindow, "HammingWindow": HammingWindow,
               "BlackmanWindow": BlackmanWindow, "Expand": Expand,
               "CenterCropPad": CenterCropPad, "IsInf": IsInf, "EyeLike": EyeLike, "Trilu": Trilu,
@@ -667,4 +727,5 @@ CONVERTERS = {"HannWindow": HannWindow, "HammingWindow": HammingWindow,
               "AffineGrid": AffineGrid, "ai.onnx.ml.Binarizer": Binarizer,
               "ai.onnx.ml.ArrayFeatureExtractor": ArrayFeatureExtractor, "Det": Det,
               "MaxPoolWithIndices": MaxPoolWithIndices, "TfIdfVectorizer": TfIdfVectorizer,
-              "Col2Im": Col2Im, "DeformConv": DeformConv}
+              "Col2Im": Col2Im, "DeformConv": DeformConv,
+              "STFT": STFT}

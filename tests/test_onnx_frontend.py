@@ -562,3 +562,34 @@ def test_deform_conv_matches_the_reference(tmp_path):
     (expected,) = ReferenceEvaluator(model).run(None, feeds)
     got = compile_and_load(model, tmp_path)(*feeds.values())
     assert got.shape == expected.shape and max_abs(got, expected) < 1e-4
+
+
+def test_stft_with_run_time_step_and_length(tmp_path):
+    """One artifact, frame step and length chosen per call; and a windowed, two-sided STFT of a
+    complex signal."""
+    from onnx.reference import ReferenceEvaluator
+
+    f, i64 = TensorProto.FLOAT, TensorProto.INT64
+    plain = make_model([helper.make_node("STFT", ["x", "step", "", "length"], ["y"])],
+                       [helper.make_tensor_value_info("x", f, [2, 64, 1]),
+                        helper.make_tensor_value_info("step", i64, []),
+                        helper.make_tensor_value_info("length", i64, [])],
+                       [helper.make_tensor_value_info("y", f, [2, None, None, 2])], opset=17)
+    rng = np.random.default_rng(15)
+    x = rng.standard_normal((2, 64, 1)).astype(np.float32)
+    runtime = compile_and_load(plain, tmp_path / "plain")
+    for step, length in ((8, 16), (5, 12)):
+        feeds = {"x": x, "step": np.array(step), "length": np.array(length)}
+        (expected,) = ReferenceEvaluator(plain).run(None, feeds)
+        got = runtime(*feeds.values())
+        assert got.shape == expected.shape and max_abs(got, expected) < 1e-4
+    windowed = make_model([helper.make_node("STFT", ["x", "step", "window"], ["y"], onesided=0)],
+                          [helper.make_tensor_value_info("x", f, [1, 40, 2]),
+                           helper.make_tensor_value_info("step", i64, []),
+                           helper.make_tensor_value_info("window", f, [10])],
+                          [helper.make_tensor_value_info("y", f, [1, None, 10, 2])], opset=17)
+    feeds = {"x": rng.standard_normal((1, 40, 2)).astype(np.float32), "step": np.array(6),
+             "window": np.hanning(10).astype(np.float32)}
+    (expected,) = ReferenceEvaluator(windowed).run(None, feeds)
+    got = compile_and_load(windowed, tmp_path / "windowed")(*feeds.values())
+    assert got.shape == expected.shape and max_abs(got, expected) < 1e-4
