@@ -17,9 +17,11 @@ They replace TVM's converter of the same op type for the duration of an import.
   legalization applies a run-time max_output_boxes_per_class as the box count; the rows past
   the limit in each (batch, class) group are dropped after it.
 - Reduce* with axes given as a run-time tensor: onnx_runtime_axes.py.
-- RNN, GRU, LSTM: onnx_recurrent.py. DFT: onnx_dft.py. Ops whose output shape is a run-time
-  value (window functions, Expand, Pad and CenterCropPad with run-time shapes; IsInf, EyeLike and
-  Trilu fixes): onnx_runtime_shapes.py. Resize and Upsample: onnx_resize.py.
+- RNN, GRU, LSTM: onnx_recurrent.py. DFT: onnx_dft.py. Resize and Upsample: onnx_resize.py.
+- onnx_runtime_shapes.py: ops whose output shape may be a run-time value (window functions,
+  Expand, Pad, CenterCropPad, AffineGrid, Col2Im, STFT, MelWeightMatrix), ops TVM lacks (Det,
+  DeformConv, TfIdfVectorizer, Binarizer, ArrayFeatureExtractor, MaxPool's indices) and fixes
+  (IsInf, EyeLike, Trilu). Scan is unrolled before import (onnx_scan.py).
 """
 
 from __future__ import annotations

@@ -720,6 +720,67 @@ class STFT(tvm_onnx.OnnxOpConverter):
         return relax.op.stack([out_real, out_imag], axis=3)
 
 
+
+class MelWeightMatrix(tvm_onnx.OnnxOpConverter):
+    """Triangular mel filters [dft_length // 2 + 1, num_mel_bins], as the ONNX reference lays
+    them out: filter i rises from bin f(i) to f(i + 1) and falls to f(i + 2), f the mel-spaced
+    edges rounded down to DFT bins; all five inputs may be given at run time."""
+
+    @classmethod
+    def _impl_v17(cls, bb, inputs, attr, params):
+        mels_in, dft_in, rate_in, low_in, high_in = inputs
+        f64, int64 = "float64", "int64"
+
+        def scalar(value, dtype):
+            return bb.normalize(relax.op.astype(relax.op.reshape(value, ()), dtype))
+
+        dft, rate = scalar(dft_in, f64), scalar(rate_in, f64)
+        (mels,) = sizes_of(bb, mels_in, params, "mel_bins")
+        (spectrum,) = sizes_of(bb, relax.op.add(relax.op.floor_divide(
+            scalar(dft_in, int64), relax.const(2, int64)), relax.const(1, int64)), params,
+            "mel_spectrum")
+
+        def to_mel(hertz):
+            return relax.op.divide(relax.op.multiply(relax.const(2595.0, f64), relax.op.log(
+                relax.op.add(relax.const(1.0, f64), relax.op.divide(hertz, relax.const(700.0, f64))))),
+                relax.const(math.log(10), f64))
+
+        low, high = to_mel(scalar(low_in, f64)), to_mel(scalar(high_in, f64))
+        step = relax.op.divide(relax.op.subtract(high, low),
+                               relax.op.add(scalar(mels_in, f64), relax.const(2.0, f64)))
+
+        def edge(shift):  # f(i + shift) for each filter i: [1, M]
+            k = relax.op.add(relax.op.arange(0, mels, 1, f64), relax.const(float(shift), f64))
+            mel = relax.op.add(relax.op.multiply(k, step), low)
+            hertz = relax.op.multiply(relax.const(700.0, f64), relax.op.subtract(relax.op.exp(
+                relax.op.multiply(relax.op.divide(mel, relax.const(2595.0, f64)),
+                                  relax.const(math.log(10), f64))), relax.const(1.0, f64)))
+            bin_ = relax.op.floor(relax.op.divide(relax.op.multiply(
+                relax.op.add(dft, relax.const(1.0, f64)), hertz), rate))
+            return relax.op.expand_dims(bb.normalize(bin_), 0)
+
+        left, centre, right = edge(0), edge(1), edge(2)
+        j = relax.op.expand_dims(relax.op.arange(0, spectrum, 1, f64), 1)  # [J, 1]
+        one = relax.const(1.0, f64)
+        rise_width = relax.op.subtract(centre, left)
+        rising = relax.op.where(
+            relax.op.equal(rise_width, relax.const(0.0, f64)),
+            relax.op.astype(relax.op.equal(j, centre), f64),
+            relax.op.where(relax.op.logical_and(relax.op.greater_equal(j, left),
+                                                relax.op.less_equal(j, centre)),
+                           relax.op.divide(relax.op.subtract(j, left),
+                                           relax.op.maximum(rise_width, one)),
+                           relax.const(0.0, f64)))
+        fall_width = relax.op.subtract(right, centre)
+        falling = relax.op.logical_and(relax.op.logical_and(
+            relax.op.greater_equal(j, centre), relax.op.less(j, right)),
+            relax.op.greater(fall_width, relax.const(0.0, f64)))
+        weights = relax.op.where(falling, relax.op.divide(relax.op.subtract(right, j),
+                                                          relax.op.maximum(fall_width, one)),
+                                 rising)
+        return relax.op.astype(weights, tvm_onnx.get_type(attr.get("output_datatype", 1)))
+
+
 CONVERTERS = {"HannWindow": HannWindow, "HammingWindow": HammingWindow,
               "BlackmanWindow": BlackmanWindow, "Expand": Expand,
               "CenterCropPad": CenterCropPad, "IsInf": IsInf, "EyeLike": EyeLike, "Trilu": Trilu,
@@ -728,4 +789,4 @@ CONVERTERS = {"HannWindow": HannWindow, "HammingWindow": HammingWindow,
               "ai.onnx.ml.ArrayFeatureExtractor": ArrayFeatureExtractor, "Det": Det,
               "MaxPoolWithIndices": MaxPoolWithIndices, "TfIdfVectorizer": TfIdfVectorizer,
               "Col2Im": Col2Im, "DeformConv": DeformConv,
-              "STFT": STFT}
+              "STFT": STFT, "MelWeightMatrix": MelWeightMatrix}

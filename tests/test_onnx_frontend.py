@@ -593,3 +593,21 @@ def test_stft_with_run_time_step_and_length(tmp_path):
     (expected,) = ReferenceEvaluator(windowed).run(None, feeds)
     got = compile_and_load(windowed, tmp_path / "windowed")(*feeds.values())
     assert got.shape == expected.shape and max_abs(got, expected) < 1e-4
+
+
+def test_mel_weight_matrix_with_run_time_parameters(tmp_path):
+    from onnx.reference import ReferenceEvaluator
+
+    names = ["mels", "dft", "rate", "low", "high"]
+    types = [TensorProto.INT64] * 3 + [TensorProto.FLOAT] * 2
+    model = make_model([helper.make_node("MelWeightMatrix", names, ["y"])],
+                       [helper.make_tensor_value_info(n, t, []) for n, t in zip(names, types)],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, None])],
+                       opset=17)
+    runtime = compile_and_load(model, tmp_path)
+    for mels, dft, rate, low, high in ((8, 64, 16000, 20.0, 8000.0), (5, 30, 8000, 0.0, 3000.0)):
+        feeds = {"mels": np.array(mels), "dft": np.array(dft), "rate": np.array(rate),
+                 "low": np.array(low, np.float32), "high": np.array(high, np.float32)}
+        (expected,) = ReferenceEvaluator(model).run(None, feeds)
+        got = runtime(*feeds.values())
+        assert got.shape == expected.shape and max_abs(got, expected) < 1e-6
