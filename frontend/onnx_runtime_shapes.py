@@ -1,9 +1,11 @@
-"""ONNX ops whose output shape is a value the graph computes or takes at run time.
+"""ONNX ops whose output shape is a value the graph computes or takes at run time, and ops
+TVM's importer lacks (Det, DeformConv, TfIdfVectorizer, the ai.onnx.ml Binarizer and
+ArrayFeatureExtractor, MaxPool's indices output) or gets wrong (IsInf, EyeLike, Trilu).
 
 A window's length, a crop's target shape, a grid's size: when the value is a constant the
 converters use it as it is; otherwise it is read at run time (`tensor_to_shape`) and
-match_cast into fresh size variables, so the output has a symbolic shape and what follows it
-compiles as for any other symbolic dim.
+match_cast into fresh size variables (`sizes_of`), so the output has a symbolic shape and what
+follows it compiles as for any other symbolic dim.
 """
 
 from __future__ import annotations
