@@ -18,10 +18,11 @@ They replace TVM's converter of the same op type for the duration of an import.
   the limit in each (batch, class) group are dropped after it.
 - Reduce* with axes given as a run-time tensor: onnx_runtime_axes.py.
 - RNN, GRU, LSTM: onnx_recurrent.py. DFT: onnx_dft.py. Resize and Upsample: onnx_resize.py.
-- onnx_runtime_shapes.py: ops whose output shape may be a run-time value (window functions,
-  Expand, Pad, CenterCropPad, AffineGrid, Col2Im, STFT, MelWeightMatrix), ops TVM lacks (Det,
-  DeformConv, TfIdfVectorizer, Binarizer, ArrayFeatureExtractor, MaxPool's indices) and fixes
-  (IsInf, EyeLike, Trilu). Scan is unrolled before import (onnx_scan.py).
+- Ops whose output shape may be a run-time value (Expand, Pad, CenterCropPad) and fixes of
+  IsInf, EyeLike, Trilu: onnx_runtime_shapes.py. Window functions, STFT, MelWeightMatrix:
+  onnx_signal.py. AffineGrid, Col2Im, DeformConv, MaxPool's indices: onnx_vision.py. Det,
+  TfIdfVectorizer, Binarizer, ArrayFeatureExtractor: onnx_extra_ops.py. Scan is unrolled
+  before import (onnx_scan.py).
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ import tvm
 from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
 
-from graft.frontend import (onnx_dft, onnx_recurrent, onnx_resize, onnx_runtime_axes,
-                            onnx_runtime_shapes)
+from graft.frontend import (onnx_dft, onnx_extra_ops, onnx_recurrent, onnx_resize,
+                            onnx_runtime_axes, onnx_runtime_shapes, onnx_signal, onnx_vision)
+from graft.frontend.onnx_runtime_shapes import dim_tensor
 
 
 def _int_or_symbolic(value):
@@ -340,7 +342,7 @@ def _at_most_per_class(bb, rows, scores, limit):
     count = tvm.tirx.Var("nms_rows", int64)  # the op's type says B*C*N rows; it returns fewer
     rows = bb.match_cast(rows, relax.TensorType([count, 3], int64))
     key = relax.op.add(relax.op.multiply(relax.op.take(rows, relax.const(0, int64), axis=1),
-                                         _dim_tensor(classes)),
+                                         dim_tensor(classes)),
                        relax.op.take(rows, relax.const(1, int64), axis=1))  # [M]
     groups = relax.op.arange(0, batch * classes, 1, int64)  # [K]
     before = relax.op.sum(relax.op.astype(relax.op.less(relax.op.expand_dims(key, 0),
@@ -350,7 +352,7 @@ def _at_most_per_class(bb, rows, scores, limit):
     rank = relax.op.subtract(position, relax.op.take(before, key, axis=0))
     keep = bb.normalize(relax.op.less(rank, limit))
     order = relax.op.argsort(relax.op.where(keep, position,
-                                            relax.op.add(position, _dim_tensor(count))),
+                                            relax.op.add(position, dim_tensor(count))),
                              dtype=int64)
     ordered = relax.op.take(rows, order, axis=0)
     kept = relax.op.astype(relax.op.sum(relax.op.astype(keep, int64), axis=0, keepdims=True),
@@ -363,13 +365,12 @@ def _at_most_per_class(bb, rows, scores, limit):
     return bb.match_cast(trimmed, relax.TensorType([tvm.tirx.Var("selected", int64), 3], int64))
 
 
-def _dim_tensor(dim) -> relax.Expr:
-    return relax.op.reshape(relax.op.shape_to_tensor(relax.ShapeExpr([dim])), ())
-
-
-CONVERTERS = {"Range": Range, "ConvTranspose": ConvTranspose, "NonMaxSuppression": NonMaxSuppression, "LayerNormalization": LayerNormalization, "CumSum": CumSum,
-              "Pow": Pow, "LpNormalization": LpNormalization, "ConstantOfShape": ConstantOfShape, "ConvInteger": ConvInteger,
+CONVERTERS = {"Range": Range, "ConvTranspose": ConvTranspose,
+              "NonMaxSuppression": NonMaxSuppression, "LayerNormalization": LayerNormalization,
+              "CumSum": CumSum, "Pow": Pow, "LpNormalization": LpNormalization,
+              "ConstantOfShape": ConstantOfShape, "ConvInteger": ConvInteger,
               "QLinearConv": QLinearConv, "QLinearMatMul": QLinearMatMul,
               **onnx_runtime_axes.CONVERTERS, **onnx_recurrent.CONVERTERS,
               **onnx_dft.CONVERTERS, **onnx_runtime_shapes.CONVERTERS,
-              **onnx_resize.CONVERTERS}
+              **onnx_resize.CONVERTERS, **onnx_signal.CONVERTERS, **onnx_vision.CONVERTERS,
+              **onnx_extra_ops.CONVERTERS}
