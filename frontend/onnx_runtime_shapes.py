@@ -10,15 +10,10 @@ any other symbolic dim.
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import tvm
 from tvm import relax, tirx
 from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
-
-_fresh = itertools.count()
-
 
 def constant_values(expr, params) -> np.ndarray | None:
     """The value of `expr` when it is known while importing, else None."""
@@ -46,8 +41,9 @@ def sizes_of(bb, expr, params, name: str) -> list:
     count = expr.ty.shape.values[0]
     if not isinstance(count, tirx.IntImm):
         raise NotImplementedError(f"{name}: a shape tensor of run-time length")
-    tag = next(_fresh)
-    dims = [tirx.Var(f"{name}_{tag}_{i}", "int64") for i in range(int(count))]
+    # the same name in every compile (dumps of two compiles diff cleanly); TVM's printer tells
+    # apart two sizes of one name
+    dims = [tirx.Var(f"{name}{i}", "int64") for i in range(int(count))]
     bb.match_cast(bb.emit(relax.op.tensor_to_shape(expr)), relax.ShapeType(dims))
     return dims
 
