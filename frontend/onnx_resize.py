@@ -18,7 +18,7 @@ import numpy as np
 from tvm import relax, tirx
 from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
 
-from graft.frontend.onnx_runtime_shapes import constant_values, sizes_of
+from graft.frontend.onnx_runtime_shapes import constant_values, dim_tensor, sizes_of
 
 _F64 = "float64"
 _SUPPORT = {"linear": 1.0, "cubic": 2.0}  # half-width of the interpolation kernel
@@ -32,8 +32,7 @@ def _dim_f64(dim) -> relax.Expr:
     """A shape dim (int or symbolic) as a float64 scalar tensor."""
     if isinstance(dim, (int, tirx.IntImm)):
         return _f64(int(dim))
-    return relax.op.astype(relax.op.reshape(relax.op.shape_to_tensor(relax.ShapeExpr([dim])), ()),
-                           _F64)
+    return relax.op.astype(dim_tensor(dim), _F64)
 
 
 def _element(tensor, index: int) -> relax.Expr:

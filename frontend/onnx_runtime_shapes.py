@@ -86,21 +86,13 @@ class CenterCropPad(tvm_onnx.OnnxOpConverter):
         shape = bb.normalize(relax.op.astype(shape, "int64"))
         int64 = "int64"
         for position, (axis, length) in enumerate(zip(axes, lengths)):
-            dims = list(data.ty.shape.values)
-            have = relax.op.reshape(relax.op.shape_to_tensor(relax.ShapeExpr([dims[axis]])), ())
+            have = dim_tensor(data.ty.shape.values[axis])
             want = relax.op.take(shape, relax.const(position, int64), axis=0)
             difference = bb.normalize(relax.op.subtract(have, want))
             half = relax.op.floor_divide(relax.op.abs(difference), relax.const(2, int64))
             offset = relax.op.where(relax.op.less(difference, relax.const(0, int64)),
                                     relax.op.negative(half), half)
-            source = relax.op.add(relax.op.arange(0, length, 1, int64), offset)
-            inside = relax.op.logical_and(
-                relax.op.greater_equal(source, relax.const(0, int64)), relax.op.less(source, have))
-            last = relax.op.subtract(have, relax.const(1, int64))
-            clamped = relax.op.maximum(relax.op.minimum(source, last), relax.const(0, int64))
-            picked = bb.normalize(relax.op.take(data, clamped, axis=axis))
-            mask = relax.op.reshape(inside, [length] + [1] * (rank - axis - 1))
-            data = bb.normalize(relax.op.where(mask, picked, relax.op.zeros_like(picked)))
+            data = _read_along(bb, data, axis, length, bb.normalize(relax.op.negative(offset)))
         return data
 
 

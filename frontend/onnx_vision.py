@@ -24,8 +24,7 @@ class AffineGrid(tvm_onnx.OnnxOpConverter):
         coordinates = []  # per spatial dim, positions in [-1, 1]
         for length in spatial:
             steps = relax.op.arange(0, length, 1, "float32")
-            count = relax.op.astype(relax.op.reshape(
-                relax.op.shape_to_tensor(relax.ShapeExpr([length])), ()), "float32")
+            count = relax.op.astype(dim_tensor(length), "float32")
             if align_corners:
                 step = relax.op.divide(relax.const(2.0, "float32"),
                                        relax.op.subtract(count, relax.const(1.0, "float32")))
