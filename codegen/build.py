@@ -14,6 +14,7 @@ from graft.codegen import cpu
 from graft.codegen.rewrites import replace_functions
 from graft.codegen.rewrites.clipped_take import legalize_take
 from graft.codegen.rewrites.fast_gelu import FAST_LEGALIZATIONS
+from graft.codegen.rewrites.infinite_reduce import INFINITE_REDUCE_LEGALIZATIONS
 from graft.codegen.rewrites.exit_branches import ExitBranches
 from graft.codegen.rewrites.fuse_dequantize import FuseDequantizeGEMV
 from graft.codegen.rewrites.grouped_attention import GroupedQueryAttention
@@ -73,7 +74,8 @@ def lowering_entries(target: tvm.target.Target, weight_layouts: bool = True,
         entry("dispatch_sort_scan", relax.backend.DispatchSortScan()),
         # Relax ops become TIR PrimFuncs
         entry("legalize_ops", relax.transform.LegalizeOps(
-            {**FAST_LEGALIZATIONS, "relax.take": legalize_take})),
+            {**FAST_LEGALIZATIONS, **INFINITE_REDUCE_LEGALIZATIONS,
+             "relax.take": legalize_take})),
         entry("annotate_tir_op_pattern", relax.transform.AnnotateTIROpPattern()),
         # copies TVM's analysis left opaque (symbolic shapes: take, concatenate) can fuse
         entry("mark_injective_kernels", MarkInjectiveKernels()),

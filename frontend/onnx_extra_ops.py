@@ -1,5 +1,7 @@
 """ONNX ops missing from TVM's importer: Det, TfIdfVectorizer, and the ai.onnx.ml Binarizer
-and ArrayFeatureExtractor."""
+and ArrayFeatureExtractor. Fixes: RMSNormalization over every axis; MatMul and Softmax of
+float16/bfloat16, which TVM sums in the half type (a 4096-term fp16 product is 10% off):
+here they accumulate in float32, as numpy, PyTorch and ONNX Runtime do."""
 
 from __future__ import annotations
 
@@ -144,5 +146,65 @@ class ArrayFeatureExtractor(tvm_onnx.OnnxOpConverter):
         return relax.op.take(x, bb.normalize(indices), axis=x.ty.ndim - 1)
 
 
-CONVERTERS = {"Det": Det, "TfIdfVectorizer": TfIdfVectorizer, "ai.onnx.ml.Binarizer": Binarizer,
+HALF_TYPES = ("float16", "bfloat16")
+
+
+def matmul(a, b, dtype: str):
+    """a @ b; half-precision products accumulate in float32."""
+    if dtype in HALF_TYPES:
+        return relax.op.astype(relax.op.matmul(a, b, out_dtype="float32"), dtype)
+    return relax.op.matmul(a, b)
+
+
+class MatMul(tvm_onnx.OnnxOpConverter):
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        a = bb.normalize(inputs[0])
+        return matmul(a, inputs[1], str(a.ty.dtype))
+
+
+class Softmax(tvm_onnx.OnnxOpConverter):
+    """A half-precision softmax computed in float32 (TVM sums the exponentials in the half
+    type), rounded once at the end."""
+
+    @classmethod
+    def _convert(cls, tvm_impl, bb, inputs, attr, params):
+        x = bb.normalize(inputs[0])
+        dtype = str(x.ty.dtype)
+        if dtype not in HALF_TYPES:
+            return tvm_impl(bb, inputs, attr, params)
+        result = tvm_impl(bb, [relax.op.astype(x, "float32"), *inputs[1:]], attr, params)
+        return relax.op.astype(result, dtype)
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        return cls._convert(tvm_onnx.Softmax._impl_v1, bb, inputs, attr, params)
+
+    @classmethod
+    def _impl_v13(cls, bb, inputs, attr, params):
+        return cls._convert(tvm_onnx.Softmax._impl_v13, bb, inputs, attr, params)
+
+
+class RMSNormalization(tvm_onnx.RMSNormalization):
+    """Over every axis (axis 0), TVM's rms_norm kernel fails to build; that case is written
+    out as x / sqrt(mean(x^2) + epsilon) * scale."""
+
+    @classmethod
+    def _impl_v23(cls, bb, inputs, attr, params):
+        data = bb.normalize(inputs[0])
+        if attr.get("axis", -1) % data.ty.ndim != 0:
+            return super()._impl_v23(bb, inputs, attr, params)
+        dtype = str(data.ty.dtype)
+        compute = "float32" if attr.get("stash_type", 1) == 1 else dtype
+        x = relax.op.astype(data, compute)
+        mean_square = relax.op.mean(relax.op.multiply(x, x), keepdims=True)
+        rms = relax.op.sqrt(relax.op.add(mean_square, relax.const(attr.get("epsilon", 1e-5),
+                                                                    compute)))
+        normalized = relax.op.multiply(relax.op.divide(x, rms),
+                                       relax.op.astype(inputs[1], compute))
+        return relax.op.astype(normalized, dtype)
+
+
+CONVERTERS = {"MatMul": MatMul, "Softmax": Softmax, "RMSNormalization": RMSNormalization,
+              "Det": Det, "TfIdfVectorizer": TfIdfVectorizer, "ai.onnx.ml.Binarizer": Binarizer,
               "ai.onnx.ml.ArrayFeatureExtractor": ArrayFeatureExtractor}

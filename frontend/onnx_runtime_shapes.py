@@ -10,6 +10,8 @@ any other symbolic dim.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import tvm
 from tvm import relax, tirx
@@ -229,5 +231,82 @@ class ShapeAsTensor(tvm_onnx.OnnxOpConverter):
 
 
 
-CONVERTERS = {"Expand": Expand, "CenterCropPad": CenterCropPad, "IsInf": IsInf, "EyeLike": EyeLike,
+class Reshape(tvm_onnx.Reshape):
+    """A target shape given at run time: its 0 entries copy the input's dim (unless
+    allowzero) and a -1 takes what is left of the element count, computed as tensors, and the
+    result read as the output's shape."""
+
+    @classmethod
+    def _impl_v13(cls, bb, inputs, attr, params):
+        data, target = inputs
+        if (isinstance(target, relax.ShapeExpr) or isinstance(data, relax.ShapeExpr)
+                or constant_values(target, params) is not None):
+            return super()._impl_v13(bb, inputs, attr, params)
+        int64 = "int64"
+        data = bb.normalize(data)
+        target = bb.normalize(relax.op.astype(target, int64))
+        count = target.ty.shape.values[0]
+        if not isinstance(count, tirx.IntImm):
+            raise NotImplementedError("Reshape to a shape tensor of run-time length")
+        count, dims = int(count), list(data.ty.shape.values)
+        zero, one = relax.const(0, int64), relax.const(1, int64)
+        if not attr.get("allowzero", 0):
+            copied = relax.op.shape_to_tensor(relax.ShapeExpr(
+                dims[:count] + [0] * max(0, count - len(dims))))
+            target = relax.op.where(relax.op.logical_and(
+                relax.op.equal(target, zero),
+                relax.const(np.arange(count) < len(dims))), copied, target)
+        target = bb.normalize(target)
+        minus_one = relax.op.equal(target, relax.const(-1, int64))
+        others = relax.op.prod(relax.op.where(minus_one, one, target))
+        total = dim_tensor(tirx.const(1, int64) if not dims else
+                           functools.reduce(lambda a, b: a * b, dims))
+        rest = relax.op.floor_divide(total, relax.op.maximum(others, one))
+        target = bb.normalize(relax.op.where(minus_one, rest, target))
+        return relax.op.reshape(data, sizes_of(bb, target, params, "reshape"))
+
+
+class TopK(tvm_onnx.TopK):
+    """k given at run time: the whole axis sorted, and its first k entries kept."""
+
+    @classmethod
+    def _impl_v11(cls, bb, inputs, attr, params):
+        if constant_values(inputs[1], params) is not None:
+            return super()._impl_v11(bb, inputs, attr, params)
+        data = bb.normalize(inputs[0])
+        axis = attr.get("axis", -1) % data.ty.ndim
+        length = data.ty.shape.values[axis]
+        if not isinstance(length, tirx.IntImm):
+            raise NotImplementedError("TopK with a run-time k along an axis of run-time length")
+        ordered = bb.normalize(relax.op.topk(data, int(length), axis, ret_type="both",
+                                             largest=bool(attr.get("largest", 1)),
+                                             dtype="int64"))
+        (k,) = sizes_of(bb, inputs[1], params, "topk")
+        return relax.Tuple([relax.op.strided_slice(relax.TupleGetItem(ordered, i), [axis], [0],
+                                                   [k], assume_inbound=True) for i in (0, 1)])
+
+
+class OneHot(tvm_onnx.OnnxOpConverter):
+    """depth and values may be run-time tensors (TVM takes only constants); indices of any
+    numeric type, negative ones counted from the end, out-of-range ones giving all-off rows."""
+
+    @classmethod
+    def _impl_v9(cls, bb, inputs, attr, params):
+        indices, depth, values = (bb.normalize(x) for x in inputs)
+        int64 = "int64"
+        depth_tensor = bb.normalize(relax.op.reshape(relax.op.astype(depth, int64), ()))
+        (length,) = sizes_of(bb, depth_tensor, params, "depth")
+        rank = indices.ty.ndim + 1
+        axis = attr.get("axis", -1) % rank
+        index = bb.normalize(relax.op.astype(indices, int64))
+        index = relax.op.where(relax.op.less(index, relax.const(0, int64)),
+                               relax.op.add(index, depth_tensor), index)
+        positions = relax.op.reshape(relax.op.arange(0, length, 1, int64),
+                                     [length if d == axis else 1 for d in range(rank)])
+        hot = relax.op.equal(relax.op.expand_dims(index, axis), positions)
+        off, on = (relax.op.take(values, relax.const(i, int64), axis=0) for i in (0, 1))
+        return relax.op.where(hot, on, off)
+
+
+CONVERTERS = {"Reshape": Reshape, "TopK": TopK, "OneHot": OneHot, "Expand": Expand, "CenterCropPad": CenterCropPad, "IsInf": IsInf, "EyeLike": EyeLike,
               "Trilu": Trilu, "Pad": Pad, "ShapeAsTensor": ShapeAsTensor}

@@ -24,6 +24,7 @@ With these, most exported programs import as torch.export wrote them, without
   applied to the queries, a boolean mask selects the most negative float (so a fully masked
   row gives a uniform row, not NaN), a float mask is added, `is_causal` masks top-left
   aligned, and `enable_gqa` repeats key/value heads as `repeat_interleave` does.
+- `amax` / `amin`: TVM has no converter.
 """
 
 from __future__ import annotations
@@ -74,6 +75,17 @@ def where_with_scalars(node, importer):
 
     condition, x, y = (operand(a) for a in node.args[:3])
     return importer.block_builder.emit(relax.op.where(condition, x, y))
+
+
+def _reduce_extreme(reduce):
+    """amax / amin (missing from TVM's importer): dim is an int, a list, or empty for all."""
+    def convert(node, importer):
+        x = importer.env[node.args[0]]
+        dim = _arg(node, 1, "dim", [])
+        dim = [dim] if isinstance(dim, int) else list(dim)
+        keepdim = bool(_arg(node, 2, "keepdim", False))
+        return importer.block_builder.emit(reduce(x, dim or None, keepdim))
+    return convert
 
 
 def slice_tensor(node, importer):
@@ -189,4 +201,6 @@ CONVERTERS = {
     "where.ScalarOther": where_with_scalars,
     "scaled_dot_product_attention.default": scaled_dot_product_attention,
     "batch_norm.default": batch_norm,
+    "amax.default": _reduce_extreme(relax.op.max),
+    "amin.default": _reduce_extreme(relax.op.min),
 }

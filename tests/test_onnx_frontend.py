@@ -611,3 +611,149 @@ def test_mel_weight_matrix_with_run_time_parameters(tmp_path):
         (expected,) = ReferenceEvaluator(model).run(None, feeds)
         got = runtime(*feeds.values())
         assert got.shape == expected.shape and max_abs(got, expected) < 1e-6
+
+
+def _reference(model, feeds):
+    from onnx.reference import ReferenceEvaluator
+
+    return ReferenceEvaluator(model).run(None, feeds)
+
+
+def test_attention_with_grouped_heads_past_and_masks_matches_the_reference(tmp_path):
+    """The ONNX Attention op (opset 23): 4 query heads over 2 key/value heads, a past cache of
+    run-time length, causal plus a float mask, softcap, and the probabilities as a 4th output;
+    one artifact at two lengths, against onnx.reference."""
+    f = TensorProto.FLOAT
+    node = helper.make_node("Attention", ["q", "k", "v", "mask", "past_k", "past_v"],
+                            ["y", "present_k", "present_v", "probs"], is_causal=1,
+                            softcap=3.0, qk_matmul_output_mode=3)
+    model = make_model([node], [
+        helper.make_tensor_value_info("q", f, [2, 4, "seq", 8]),
+        helper.make_tensor_value_info("k", f, [2, 2, "seq", 8]),
+        helper.make_tensor_value_info("v", f, [2, 2, "seq", 8]),
+        helper.make_tensor_value_info("mask", f, ["seq", "total"]),
+        helper.make_tensor_value_info("past_k", f, [2, 2, "past", 8]),
+        helper.make_tensor_value_info("past_v", f, [2, 2, "past", 8])],
+        [helper.make_tensor_value_info(n, f, [None] * 4) for n in ("y", "present_k",
+                                                                   "present_v", "probs")],
+        opset=23)
+    runtime = compile_and_load(model, tmp_path)
+    rng = np.random.default_rng(23)
+    for seq, past in ((3, 5), (1, 9)):
+        feeds = {"q": rng.standard_normal((2, 4, seq, 8)), "k": rng.standard_normal((2, 2, seq, 8)),
+                 "v": rng.standard_normal((2, 2, seq, 8)),
+                 "mask": np.where(rng.random((seq, past + seq)) < 0.2, -np.inf, 0.0),
+                 "past_k": rng.standard_normal((2, 2, past, 8)),
+                 "past_v": rng.standard_normal((2, 2, past, 8))}
+        feeds = {k: v.astype(np.float32) for k, v in feeds.items()}
+        expected = _reference(model, feeds)
+        got = runtime(*feeds.values())
+        for name, g, e in zip(("y", "present_k", "present_v", "probs"), got, expected):
+            assert g.shape == e.shape and np.allclose(g, e, atol=1e-5), (name, max_abs(g, e))
+
+
+def test_attention_3d_with_padding_and_a_window_zeroes_fully_masked_rows(tmp_path):
+    """3-D inputs split into heads, a short boolean mask padded to the keys, nonpad_kv_seqlen
+    and a sliding window (opset 25); the row every key is masked from gives zeros, not NaN."""
+    f = TensorProto.FLOAT
+    node = helper.make_node("Attention", ["q", "k", "v", "mask", "", "", "nonpad"], ["y"],
+                            q_num_heads=2, kv_num_heads=2, left_window_size=2)
+    model = make_model([node], [
+        helper.make_tensor_value_info("q", f, [2, 4, 16]),
+        helper.make_tensor_value_info("k", f, [2, 6, 16]),
+        helper.make_tensor_value_info("v", f, [2, 6, 12]),
+        helper.make_tensor_value_info("mask", TensorProto.BOOL, [4, 5]),
+        helper.make_tensor_value_info("nonpad", TensorProto.INT64, [2])],
+        [helper.make_tensor_value_info("y", f, [2, 4, 12])], opset=25)
+    rng = np.random.default_rng(25)
+    mask = rng.random((4, 5)) < 0.8
+    mask[1] = False
+    feeds = {"q": rng.standard_normal((2, 4, 16)), "k": rng.standard_normal((2, 6, 16)),
+             "v": rng.standard_normal((2, 6, 12))}
+    feeds = {k: v.astype(np.float32) for k, v in feeds.items()}
+    feeds |= {"mask": mask, "nonpad": np.array([6, 4], np.int64)}
+    (expected,) = _reference(model, feeds)
+    got = compile_and_load(model, tmp_path)(*feeds.values())
+    assert not np.isnan(got).any() and np.allclose(got, expected, atol=1e-5), max_abs(got, expected)
+    assert np.all(got[:, 1] == 0)  # query 1 sees no key
+
+
+def test_reshape_topk_and_onehot_with_sizes_given_at_run_time(tmp_path):
+    """Reshape to a shape tensor with 0 (copy) and -1 (infer) entries, TopK of a run-time k and
+    OneHot of a run-time depth (float indices, one negative, one out of range), each given per
+    call, against onnx.reference."""
+    f, i64 = TensorProto.FLOAT, TensorProto.INT64
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["reshaped"]),
+             helper.make_node("TopK", ["x_flat", "k"], ["top_values", "top_indices"], largest=0),
+             helper.make_node("OneHot", ["hot_indices", "depth", "on_off"], ["hot"], axis=0)]
+    model = make_model(nodes, [
+        helper.make_tensor_value_info("x", f, [2, 3, 4]),
+        helper.make_tensor_value_info("shape", i64, [3]),
+        helper.make_tensor_value_info("x_flat", f, [3, 7]),
+        helper.make_tensor_value_info("k", i64, [1]),
+        helper.make_tensor_value_info("hot_indices", f, [4]),
+        helper.make_tensor_value_info("depth", f, []),
+        helper.make_tensor_value_info("on_off", f, [2])],
+        [helper.make_tensor_value_info("reshaped", f, [None] * 3),
+         helper.make_tensor_value_info("top_values", f, [3, None]),
+         helper.make_tensor_value_info("top_indices", i64, [3, None]),
+         helper.make_tensor_value_info("hot", f, [None, 4])], opset=21)
+    runtime = compile_and_load(model, tmp_path)
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((2, 3, 4)).astype(np.float32)
+    x_flat = rng.standard_normal((3, 7)).astype(np.float32)
+    x_flat[0, 2] = x_flat[0, 5]  # a tie: the lower index first
+    for shape, k, depth in (([0, -1, 2], 3, 5.0), ([4, 0, -1], 7, 3.0), ([-1, 1, 1], 1, 8.0)):
+        feeds = {"x": x, "shape": np.array(shape, np.int64), "x_flat": x_flat,
+                 "k": np.array([k], np.int64), "hot_indices": np.array([0, 2, -1, 9], np.float32),
+                 "depth": np.array(depth, np.float32), "on_off": np.array([-2, 5], np.float32)}
+        expected = _reference(model, feeds)
+        got = runtime(*feeds.values())
+        for g, e in zip(got, expected):
+            assert g.shape == e.shape and np.array_equal(g, e), (shape, k, depth, g, e)
+
+
+def test_reduce_max_of_a_fully_masked_row_is_minus_infinity(tmp_path):
+    """ReduceMax over a row of -inf is -inf (TVM's reduction starts at the lowest finite float),
+    which an exported attention graph compares against to zero fully masked rows."""
+    model = make_model([helper.make_node("ReduceMax", ["x"], ["y"], keepdims=0, axes=[1]),
+                        helper.make_node("ReduceMin", ["x"], ["z"], keepdims=1)],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 3])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3]),
+                        helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 1])], opset=13)
+    x = np.array([[-np.inf] * 3, [1.0, -np.inf, 2.0], [np.inf] * 3], np.float32)
+    y, z = compile_and_load(model, tmp_path)(x)
+    assert np.array_equal(y, [-np.inf, 2.0, np.inf]) and np.array_equal(z, [[-np.inf]])
+
+
+def test_float16_matmul_and_softmax_accumulate_in_float32(tmp_path):
+    """A 4096-term float16 product (and a softmax over 4096) within a float16 rounding of the
+    float32 result, as ONNX Runtime gives; summing in float16 is off by far more."""
+    h = TensorProto.FLOAT16
+    model = make_model([helper.make_node("MatMul", ["a", "b"], ["c"]),
+                        helper.make_node("Softmax", ["a"], ["p"], axis=-1)],
+                       [helper.make_tensor_value_info("a", h, [4, 4096]),
+                        helper.make_tensor_value_info("b", h, [4096, 8])],
+                       [helper.make_tensor_value_info("c", h, [4, 8]),
+                        helper.make_tensor_value_info("p", h, [4, 4096])], opset=13)
+    rng = np.random.default_rng(16)
+    a = rng.random((4, 4096)).astype(np.float16)
+    b = rng.random((4096, 8)).astype(np.float16)
+    c, p = compile_and_load(model, tmp_path)(a, b)
+    exact = a.astype(np.float64) @ b.astype(np.float64)
+    assert np.allclose(c.astype(np.float64), exact, rtol=2e-3), max_abs(c, exact)
+    weights = np.exp(a.astype(np.float64) - a.max(-1, keepdims=True))
+    softmax = weights / weights.sum(-1, keepdims=True)
+    assert np.allclose(p.astype(np.float64), softmax, rtol=2e-3, atol=1e-7), max_abs(p, softmax)
+
+
+def test_rms_normalization_over_every_axis(tmp_path):
+    model = make_model([helper.make_node("RMSNormalization", ["x", "scale"], ["y"], axis=0)],
+                       [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4]),
+                        helper.make_tensor_value_info("scale", TensorProto.FLOAT, [3, 4])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 4])], opset=23)
+    rng = np.random.default_rng(3)
+    x, scale = (rng.standard_normal((3, 4)).astype(np.float32) for _ in range(2))
+    got = compile_and_load(model, tmp_path)(x, scale)
+    expected = x / np.sqrt(np.mean(x.astype(np.float64) ** 2) + 1e-5) * scale
+    assert np.allclose(got, expected, rtol=1e-5), max_abs(got, expected)

@@ -180,3 +180,18 @@ def test_eval_mode_batch_norm_uses_running_statistics(no_decomposition, tmp_path
     with torch.no_grad():
         expected = model(x).numpy()
     assert max_abs(runtime(x.numpy()), expected) < 1e-5
+
+
+class Extremes(torch.nn.Module):
+    def forward(self, x):
+        return x.amax(dim=-1), x.amin(dim=1, keepdim=True), x.amax()
+
+
+def test_amax_amin_of_infinite_rows_match_pytorch(no_decomposition, tmp_path):
+    """A row that is all -inf (a fully masked attention row) has max -inf, not -3.4e38."""
+    inf = float("inf")
+    rows = torch.tensor([[-inf, -inf, -inf], [1.0, -inf, 2.0], [inf, inf, inf]])
+    loaded = compile_and_load(Extremes(), (rows,), None, tmp_path)
+    for x in (rows, torch.randn(3, 3)):
+        for got, want in zip(loaded(x.numpy()), Extremes()(x)):
+            assert torch.equal(torch.from_numpy(got), want), (got, want)
