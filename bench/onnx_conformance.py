@@ -12,6 +12,9 @@ Dropout and BatchNormalization) and tests whose inputs or outputs are strings. T
 common failure reasons.
 
     python bench/onnx_conformance.py [--jobs 2] [--timeout 60] [-k PATTERN] [--save-artifacts]
+    python bench/onnx_conformance.py --runtime onnxruntime   # the same tests, compared alike
+
+Outputs are compared as ONNX's backend test runner compares them (`compare`).
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ def collect():
     return tests
 
 
-def run_one(test, save_artifacts: bool, scratch: str) -> tuple[str, str]:
+def run_one(test, save_artifacts: bool, scratch: str, runtime: str = "graft") -> tuple[str, str]:
     """('pass', '') or ('fail', reason)."""
     import numpy as np
     import onnx
@@ -79,6 +82,8 @@ def run_one(test, save_artifacts: bool, scratch: str) -> tuple[str, str]:
 
     name, model_bytes, inputs, outputs, rtol, atol, _ = test
     model = onnx.load_from_string(model_bytes)
+    if runtime == "onnxruntime":
+        return run_onnxruntime(model, test, scratch)
     inputs = [_as_array(x) for x in inputs]
     outputs = [_as_array(y) for y in outputs]
     initializers = {i.name for i in model.graph.initializer}
@@ -108,20 +113,116 @@ def run_one(test, save_artifacts: bool, scratch: str) -> tuple[str, str]:
             got = _to_numpy_list(vm["main"](*args))
     except Exception as err:  # classify every failure by its first line
         return "fail", f"{type(err).__name__}: {_first_line(err)}"
+    return compare(got, outputs, rtol, atol)
+
+
+def run_onnxruntime(model, test, scratch) -> tuple[str, str]:
+    """The same test through ONNX Runtime (CPU, all graph optimizations), which also takes
+    sequence and optional values."""
+    import onnxruntime as ort
+
+    from graft.frontend.onnx_frontend import save_for_onnxruntime
+
+    _, _, inputs, outputs, rtol, atol, _ = test
+    initializers = {i.name for i in model.graph.initializer}
+    graph_inputs = [i.name for i in model.graph.input if i.name not in initializers]
+    try:
+        path = os.path.join(scratch, "model.onnx")
+        save_for_onnxruntime(model, path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.log_severity_level = 3
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        feeds = {n: _as_value(x) for n, x in zip(graph_inputs, inputs)}
+        expected = [_as_value(y) for y in outputs]
+        if any(_is_ml_float(getattr(x, "dtype", None)) for x in feeds.values()) or any(
+                _is_ml_float(getattr(y, "dtype", None)) for y in expected):
+            got = _run_ml_dtypes(session, feeds, expected)
+        else:
+            got = [_as_value(g) for g in session.run(None, feeds)]
+    except Exception as err:  # noqa: BLE001 - classified like graft's failures
+        return "fail", f"{type(err).__name__}: {_first_line(err)}"
+    return compare(got, expected, rtol, atol)
+
+
+def _run_ml_dtypes(session, feeds, expected):
+    """ONNX Runtime's numpy interface refuses bfloat16 and float8 arrays: those go in as
+    OrtValues of the raw bits, and come out read from the output's memory."""
+    import ctypes
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    values = {}
+    for name, x in feeds.items():
+        if _is_ml_float(x.dtype):
+            bits = x.view(np.uint8 if x.dtype.itemsize == 1 else np.uint16)
+            values[name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
+                np.ascontiguousarray(bits), onnx.helper.np_dtype_to_tensor_dtype(x.dtype))
+        else:
+            values[name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x))
+    got = []
+    for value, want in zip(session.run_with_ort_values(None, values), expected):
+        if not _is_ml_float(want.dtype):
+            got.append(value.numpy())
+            continue
+        raw = ctypes.string_at(value.data_ptr(), value.tensor_size_in_bytes())
+        got.append(np.frombuffer(raw, want.dtype).reshape(value.shape()).copy())
+    return got
+
+
+def _as_value(value):
+    """A tensor as an array; a sequence as a list of them; an absent optional as None."""
+    if isinstance(value, (list, tuple)):
+        return [_as_value(v) for v in value]
+    return None if value is None else _as_array(value)
+
+
+def compare(got, outputs, rtol, atol) -> tuple[str, str]:
+    """As ONNX's backend test runner compares: within rtol/atol (NaN equal to NaN), floats of
+    the ml_dtypes types (bfloat16, float8) through float32 and bfloat16 within two of its
+    ulps; other types exactly."""
+    import ml_dtypes
+    import numpy as np
+
     if len(got) != len(outputs):
         return "fail", f"wrong number of outputs ({len(got)} vs {len(outputs)})"
     for g, e in zip(got, outputs):
+        if isinstance(e, list) or e is None:  # a sequence or an optional (ONNX Runtime only)
+            if not isinstance(g, list) or len(g) != len(e or []) or (e is None) != (g is None):
+                return "fail", "wrong sequence or optional output"
+            status = compare(g, e, rtol, atol) if e else ("pass", "")
+            if status[0] != "pass":
+                return status
+            continue
         if g.shape != e.shape:
             return "fail", "wrong output shape"
-        if e.dtype.kind in "fc":
+        g = g.astype(e.dtype) if e.dtype != object else g
+        if e.dtype.kind in "fc" or _is_ml_float(e.dtype):
+            output_rtol = max(rtol, 2 ** -6) if e.dtype == ml_dtypes.bfloat16 else rtol
+            if _is_ml_float(e.dtype):
+                g, e = g.astype(np.float32), e.astype(np.float32)
             try:
-                np.testing.assert_allclose(g.astype(e.dtype), e, rtol=rtol, atol=atol,
-                                           equal_nan=True)
+                np.testing.assert_allclose(g, e, rtol=output_rtol, atol=atol, equal_nan=True)
             except AssertionError:
                 return "fail", "wrong output values"
-        elif not np.array_equal(g.astype(e.dtype) if e.dtype != object else g, e):
+        elif not np.array_equal(g, e):
             return "fail", "wrong output values"
     return "pass", ""
+
+
+def _is_ml_float(dtype) -> bool:
+    """bfloat16 and the float8 types (ml_dtypes' floats; numpy calls some of them kind 'V')."""
+    import ml_dtypes
+
+    if dtype is None or dtype.type.__module__ != "ml_dtypes":
+        return False
+    try:
+        ml_dtypes.finfo(dtype)
+    except ValueError:
+        return False
+    return True
 
 
 def _as_array(value):
@@ -142,7 +243,7 @@ def _first_line(err) -> str:
     return text.splitlines()[0] if text else ""
 
 
-def worker(tasks, results, save_artifacts):
+def worker(tasks, results, save_artifacts, runtime):
     os.environ.setdefault("GRAFT_NUM_THREADS", "1")
     warnings.simplefilter("ignore")
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -162,7 +263,7 @@ def worker(tasks, results, save_artifacts):
             results.put(("start", index, os.getpid()))
             with contextlib.redirect_stdout(io.StringIO()):
                 try:
-                    status, reason = run_one(test, save_artifacts, scratch)
+                    status, reason = run_one(test, save_artifacts, scratch, runtime)
                 except BaseException as err:  # noqa: BLE001 - a test must not kill the worker
                     status, reason = "fail", f"{type(err).__name__}: {_first_line(err)}"
             results.put(("done", index, (status, reason)))
@@ -185,6 +286,9 @@ def main(argv=None) -> int:
     parser.add_argument("--limit", type=int, help="only the first N tests")
     parser.add_argument("--save-artifacts", action="store_true",
                         help="write and load each artifact (slower; default runs in memory)")
+    parser.add_argument("--runtime", choices=["graft", "onnxruntime"], default="graft",
+                        help="run the tests through graft (default) or ONNX Runtime, compared "
+                             "alike")
     parser.add_argument("--top", type=int, default=15, help="failure reasons to list")
     parser.add_argument("--list-failures", help="write name<TAB>reason for each failure here")
     args = parser.parse_args(argv)
@@ -205,7 +309,8 @@ def main(argv=None) -> int:
     workers = {}
 
     def start_worker():
-        proc = ctx.Process(target=worker, args=(tasks, results, args.save_artifacts), daemon=True)
+        proc = ctx.Process(target=worker, args=(tasks, results, args.save_artifacts,
+                                                args.runtime), daemon=True)
         proc.start()
         workers[proc.pid] = [proc, None, 0.0]  # process, running test index, its start time
 
@@ -250,7 +355,7 @@ def main(argv=None) -> int:
     scoped = [i for i in low if in_scope(tests[i])]
     passed_scoped = [i for i in passed_low if i in set(scoped)]
     reasons = collections.Counter(normalize(r) for s, r in outcome.values() if s == "fail")
-    print(f"graft ONNX conformance: {len(passed)}/{len(tests)} passed "
+    print(f"{args.runtime} ONNX conformance: {len(passed)}/{len(tests)} passed "
           f"({100 * len(passed) / max(1, len(tests)):.1f}%); opset <= 22: "
           f"{len(passed_low)}/{len(low)} ({100 * len(passed_low) / max(1, len(low)):.1f}%); "
           f"{time.time() - started:.0f} s")
