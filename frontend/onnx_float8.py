@@ -1,4 +1,5 @@
-"""Casts to and from the float8 types, done on the bits.
+"""Casts to and from the float8 types, done on the bits; QuantizeLinear and DequantizeLinear
+of float8 values and of blocked scales (TVM's converters take neither).
 
 TVM's own float8 conversions are wrong on CPU: float8_e4m3fn 0 reads back as 0.0078 and NaN as
 480, and 1e6 converts to -15. These follow ONNX (onnx.reference's Cast, through ml_dtypes):
@@ -11,6 +12,8 @@ types have no negative zero, and their one NaN is 0x80.
 from __future__ import annotations
 
 import dataclasses
+
+import numpy as np
 
 from tvm import relax, te, tirx
 from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
@@ -146,4 +149,108 @@ class CastLike(tvm_onnx.CastLike):
         return cast(bb, inputs[0], target, bool(attr.get("saturate", 1)))
 
 
-CONVERTERS = {"Cast": Cast, "CastLike": CastLike}
+def _laid_out(bb, value, like, axis, block_size):
+    """A scale or zero point shaped to broadcast against `like`: a scalar as it is, a [C]
+    vector along `axis`, a blocked one (`block_size` > 0) repeated along `axis`."""
+    value = bb.normalize(value)
+    like = bb.normalize(like)
+    rank = like.ty.ndim
+    axis = axis % max(rank, 1)
+    if value.ty.ndim == 0:
+        return value
+    if block_size:
+        repeated = relax.op.repeat(value, block_size, axis=axis)
+        return bb.normalize(relax.op.strided_slice(repeated, [axis], [0],
+                                                   [like.ty.shape.values[axis]]))
+    if value.ty.ndim == 1 and rank > 1:
+        return relax.op.reshape(value, [-1] + [1] * (rank - 1 - axis)) if axis < rank - 1 \
+            else value
+    return value
+
+
+def _as_float32(bb, x):
+    return cast(bb, x, "float32")
+
+
+class QuantizeLinear(tvm_onnx.QuantizeLinear):
+    """float8 outputs (`saturate` as in Cast; ONNX applies no zero point to them) and blocked
+    scales, computed as the ONNX reference does: round half to even of x / scale, plus the zero
+    point, saturated to the integer type. Other cases stay with TVM's converter."""
+
+    @classmethod
+    def _target(cls, bb, inputs, attr):
+        zero_point = inputs[2] if len(inputs) > 2 and inputs[2] is not None else None
+        if zero_point is not None:
+            return str(bb.normalize(zero_point).ty.dtype)
+        output_dtype = attr.get("output_dtype", 0)
+        return str(tvm_onnx.get_type(output_dtype)) if output_dtype else "uint8"
+
+    @classmethod
+    def _convert(cls, tvm_impl, bb, inputs, attr, params):
+        target = cls._target(bb, inputs, attr)
+        block_size = attr.get("block_size", 0)
+        if target not in FLOAT8 and not block_size:
+            return tvm_impl(bb, inputs, attr, params)
+        x = bb.normalize(inputs[0])
+        axis = attr.get("axis", 1)
+        scale = _as_float32(bb, _laid_out(bb, inputs[1], x, axis, block_size))
+        scaled = relax.op.divide(_as_float32(bb, x), scale)
+        if target in FLOAT8:
+            return cast(bb, scaled, target, bool(attr.get("saturate", 1)))
+        rounded = relax.op.round(scaled)
+        if len(inputs) > 2 and inputs[2] is not None:
+            zero_point = _as_float32(bb, _laid_out(bb, inputs[2], x, axis, block_size))
+            rounded = relax.op.add(rounded, zero_point)
+        info = np.iinfo(target)
+        return relax.op.astype(relax.op.clip(rounded, int(info.min), int(info.max)), target)
+
+    @classmethod
+    def _impl_v19(cls, bb, inputs, attr, params):
+        return cls._convert(super()._impl_v19, bb, inputs, attr, params)
+
+    @classmethod
+    def _impl_v21(cls, bb, inputs, attr, params):
+        return cls._convert(super()._impl_v21, bb, inputs, attr, params)
+
+    @classmethod
+    def _impl_v23(cls, bb, inputs, attr, params):
+        return cls._convert(super()._impl_v23, bb, inputs, attr, params)
+
+
+class DequantizeLinear(tvm_onnx.DequantizeLinear):
+    """float8 inputs and blocked scales: (x - zero_point) * scale, in float32, as the
+    reference computes it, then in the scale's type (or `output_dtype`)."""
+
+    @classmethod
+    def _convert(cls, tvm_impl, bb, inputs, attr, params):
+        x = bb.normalize(inputs[0])
+        block_size = attr.get("block_size", 0)
+        if str(x.ty.dtype) not in FLOAT8 and not block_size:
+            return tvm_impl(bb, inputs, attr, params)
+        axis = attr.get("axis", 1)
+        scale = bb.normalize(inputs[1])
+        output_dtype = attr.get("output_dtype", 0)
+        out_dtype = str(tvm_onnx.get_type(output_dtype)) if output_dtype else str(scale.ty.dtype)
+        value = _as_float32(bb, x)
+        zero_point = inputs[2] if len(inputs) > 2 and inputs[2] is not None else None
+        if zero_point is not None and str(x.ty.dtype) not in FLOAT8:
+            value = relax.op.subtract(value, _as_float32(bb, _laid_out(bb, zero_point, x, axis,
+                                                                      block_size)))
+        scale = _as_float32(bb, _laid_out(bb, scale, x, axis, block_size))
+        return cast(bb, relax.op.multiply(value, scale), out_dtype)
+
+    @classmethod
+    def _impl_v19(cls, bb, inputs, attr, params):
+        return cls._convert(super()._impl_v19, bb, inputs, attr, params)
+
+    @classmethod
+    def _impl_v21(cls, bb, inputs, attr, params):
+        return cls._convert(super()._impl_v21, bb, inputs, attr, params)
+
+    @classmethod
+    def _impl_v23(cls, bb, inputs, attr, params):
+        return cls._convert(super()._impl_v23, bb, inputs, attr, params)
+
+
+CONVERTERS = {"Cast": Cast, "CastLike": CastLike, "QuantizeLinear": QuantizeLinear,
+              "DequantizeLinear": DequantizeLinear}

@@ -130,6 +130,7 @@ def read_safetensors(path: str | os.PathLike, copy=None) -> dict:
         import ml_dtypes
         dtypes["BF16"] = ml_dtypes.bfloat16
         dtypes["F8_E4M3"] = ml_dtypes.float8_e4m3fn
+        dtypes["F8_E5M2"] = ml_dtypes.float8_e5m2
     except ImportError:
         pass
     with open(path, "rb") as f:

@@ -15,7 +15,8 @@ _DIM_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 OBJECT = "object"  # the dtype of a non-tensor input (a KV cache object)
 DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8",
-          "uint8", "bool")
+          "uint8", "uint16", "uint32", "uint64", "bool",
+          "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz")
 
 
 @dataclass

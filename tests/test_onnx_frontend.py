@@ -757,3 +757,91 @@ def test_rms_normalization_over_every_axis(tmp_path):
     got = compile_and_load(model, tmp_path)(x, scale)
     expected = x / np.sqrt(np.mean(x.astype(np.float64) ** 2) + 1e-5) * scale
     assert np.allclose(got, expected, rtol=1e-5), max_abs(got, expected)
+
+
+def test_float8_casts_round_to_nearest_even_and_saturate_as_onnx_does(tmp_path):
+    """Every float8 type, both ways, with and without saturation, on values that round up, to
+    even, into subnormals, past the largest finite value, and on inf/NaN, against ml_dtypes
+    (what onnx.reference casts with); TVM's own conversions get 0 and NaN wrong."""
+    import ml_dtypes
+
+    values = np.array([0.0, -0.0, 0.47892547, 1.0625, 1.1875, 3e-3, -7e-4, 1e-7, 239.0, 250.0,
+                       448.0, 470.0, 1e6, -1e6, 57344.0, 61440.0, np.inf, -np.inf, np.nan],
+                      np.float32)
+    for onnx_type, name in ((TensorProto.FLOAT8E4M3FN, "float8_e4m3fn"),
+                            (TensorProto.FLOAT8E4M3FNUZ, "float8_e4m3fnuz"),
+                            (TensorProto.FLOAT8E5M2, "float8_e5m2"),
+                            (TensorProto.FLOAT8E5M2FNUZ, "float8_e5m2fnuz")):
+        dtype = getattr(ml_dtypes, name)
+        info = ml_dtypes.finfo(dtype)
+        nodes = [helper.make_node("Cast", ["x"], ["saturated"], to=onnx_type),
+                 helper.make_node("Cast", ["x"], ["wrapped"], to=onnx_type, saturate=0),
+                 helper.make_node("Cast", ["saturated"], ["back"], to=TensorProto.FLOAT)]
+        model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [19])],
+                           [helper.make_tensor_value_info("saturated", onnx_type, [19]),
+                            helper.make_tensor_value_info("wrapped", onnx_type, [19]),
+                            helper.make_tensor_value_info("back", TensorProto.FLOAT, [19])],
+                           opset=19)
+        saturated, wrapped, back = compile_and_load(model, tmp_path / name)(values)
+        expected = np.clip(values, float(info.min), float(info.max)).astype(dtype)
+        for got, want in ((saturated, expected), (wrapped, values.astype(dtype)),
+                          (back, expected.astype(np.float32))):
+            same = (got.astype(np.float32) == want.astype(np.float32)) | (
+                np.isnan(got.astype(np.float32)) & np.isnan(want.astype(np.float32)))
+            assert same.all(), (name, values[~same], got[~same], want[~same])
+
+
+def test_quantize_linear_to_float8_and_with_blocked_scales_matches_the_reference(tmp_path):
+    f = TensorProto.FLOAT
+    nodes = [helper.make_node("QuantizeLinear", ["x", "scale", "zero_f8"], ["q8"]),
+             helper.make_node("DequantizeLinear", ["q8", "scale", "zero_f8"], ["dq8"]),
+             helper.make_node("QuantizeLinear", ["x", "block_scale", "block_zero"], ["qb"],
+                              axis=1, block_size=2),
+             helper.make_node("DequantizeLinear", ["qb", "block_scale", "block_zero"], ["dqb"],
+                              axis=1, block_size=2)]
+    rng = np.random.default_rng(8)
+    initializers = [numpy_helper.from_array(np.array(0.05, np.float32), "scale"),
+                    helper.make_tensor("zero_f8", TensorProto.FLOAT8E4M3FN, [], [0.0]),
+                    numpy_helper.from_array(rng.uniform(0.01, 0.1, (3, 3)).astype(np.float32),
+                                            "block_scale"),
+                    numpy_helper.from_array(rng.integers(-5, 5, (3, 3)).astype(np.int8),
+                                            "block_zero")]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", f, [3, 5])],
+                       [helper.make_tensor_value_info("q8", TensorProto.FLOAT8E4M3FN, [3, 5]),
+                        helper.make_tensor_value_info("dq8", f, [3, 5]),
+                        helper.make_tensor_value_info("qb", TensorProto.INT8, [3, 5]),
+                        helper.make_tensor_value_info("dqb", f, [3, 5])], initializers, opset=21)
+    x = (rng.standard_normal((3, 5)) * 4).astype(np.float32)
+    x[0, 0] = 100.0  # saturates both
+    expected = _reference(model, {"x": x})
+    got = compile_and_load(model, tmp_path)(x)
+    for g, e in zip(got, expected):
+        assert g.dtype == e.dtype and np.array_equal(g.astype(np.float32), e.astype(np.float32)), \
+            (g, e)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_losses_with_weights_and_ignored_targets_match_the_reference(reduction, tmp_path):
+    """SoftmaxCrossEntropyLoss (with its log-probability output) and NegativeLogLikelihoodLoss
+    over [N, C, d] with class weights and an ignore_index."""
+    f, i64 = TensorProto.FLOAT, TensorProto.INT64
+    nodes = [helper.make_node("SoftmaxCrossEntropyLoss", ["x", "target", "weight"],
+                              ["sce", "log_prob"], reduction=reduction, ignore_index=2),
+             helper.make_node("NegativeLogLikelihoodLoss", ["log_prob", "target"], ["nll"],
+                              reduction=reduction)]
+    loss_shape = [] if reduction != "none" else [3, 4]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", f, [3, 5, 4]),
+                               helper.make_tensor_value_info("target", i64, [3, 4]),
+                               helper.make_tensor_value_info("weight", f, [5])],
+                       [helper.make_tensor_value_info("sce", f, loss_shape),
+                        helper.make_tensor_value_info("log_prob", f, [3, 5, 4]),
+                        helper.make_tensor_value_info("nll", f, loss_shape)], opset=13)
+    rng = np.random.default_rng(12)
+    feeds = {"x": rng.standard_normal((3, 5, 4)).astype(np.float32),
+             "target": rng.integers(0, 5, (3, 4)).astype(np.int64),
+             "weight": rng.uniform(0.5, 2, 5).astype(np.float32)}
+    feeds["target"][0, :2] = 2  # ignored
+    expected = _reference(model, feeds)
+    got = compile_and_load(model, tmp_path)(*feeds.values())
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape and np.allclose(g, e, rtol=1e-5, atol=1e-6), (g, e)
