@@ -845,3 +845,60 @@ def test_losses_with_weights_and_ignored_targets_match_the_reference(reduction, 
     got = compile_and_load(model, tmp_path)(*feeds.values())
     for g, e in zip(got, expected):
         assert g.shape == e.shape and np.allclose(g, e, rtol=1e-5, atol=1e-6), (g, e)
+
+
+def _recent_op_cases():
+    f, i64 = TensorProto.FLOAT, TensorProto.INT64
+    rng = np.random.default_rng(26)
+
+    def normal(*shape):
+        return rng.standard_normal(shape).astype(np.float32)
+
+    info = helper.make_tensor_value_info
+    yield ("rotary interleaved, partial, position ids", 23,
+           [helper.make_node("RotaryEmbedding", ["x", "cos", "sin", "ids"], ["y"], interleaved=1,
+                             rotary_embedding_dim=4)],
+           [info("x", f, [2, 3, 5, 6]), info("cos", f, [8, 2]), info("sin", f, [8, 2]),
+            info("ids", i64, [2, 5])], [info("y", f, [2, 3, 5, 6])],
+           {"x": normal(2, 3, 5, 6), "cos": normal(8, 2), "sin": normal(8, 2),
+            "ids": rng.integers(0, 8, (2, 5)).astype(np.int64)})
+    yield ("rotary 3-D halves", 23,
+           [helper.make_node("RotaryEmbedding", ["x", "cos", "sin"], ["y"], num_heads=2)],
+           [info("x", f, [2, 5, 8]), info("cos", f, [2, 5, 2]), info("sin", f, [2, 5, 2])],
+           [info("y", f, [2, 5, 8])],
+           {"x": normal(2, 5, 8), "cos": normal(2, 5, 2), "sin": normal(2, 5, 2)})
+    yield ("tensor scatter, circular", 24,
+           [helper.make_node("TensorScatter", ["cache", "update", "at"], ["y"], mode="circular")],
+           [info("cache", f, [2, 3, 6, 4]), info("update", f, [2, 3, 3, 4]),
+            info("at", i64, [2])], [info("y", f, [2, 3, 6, 4])],
+           {"cache": normal(2, 3, 6, 4), "update": normal(2, 3, 3, 4),
+            "at": np.array([1, 5], np.int64)})
+    yield ("cumprod, run-time axis, reverse exclusive", 26,
+           [helper.make_node("CumProd", ["x", "axis"], ["y"], reverse=1, exclusive=1)],
+           [info("x", f, [3, 4]), info("axis", i64, [])], [info("y", f, [3, 4])],
+           {"x": normal(3, 4), "axis": np.array(-1, np.int64)})
+    yield ("swiglu", 28, [helper.make_node("SwiGLU", ["a", "b"], ["y"], alpha=1.5)],
+           [info("a", f, [3, 4]), info("b", f, [3, 4])], [info("y", f, [3, 4])],
+           {"a": normal(3, 4), "b": normal(3, 4)})
+    yield ("bitcast, reverse sequence, celu, elu", 26,
+           [helper.make_node("BitCast", ["x"], ["bits"], to=TensorProto.INT32),
+            helper.make_node("ReverseSequence", ["x", "lengths"], ["reversed"], batch_axis=0,
+                             time_axis=1),
+            helper.make_node("Celu", ["x"], ["celu"], alpha=0.7),
+            helper.make_node("Elu", ["x"], ["elu"], alpha=0.3)],
+           [info("x", f, [3, 4]), info("lengths", i64, [3])],
+           [info("bits", TensorProto.INT32, [3, 4]), info("reversed", f, [3, 4]),
+            info("celu", f, [3, 4]), info("elu", f, [3, 4])],
+           {"x": normal(3, 4), "lengths": np.array([4, 1, 3], np.int64)})
+
+
+@pytest.mark.parametrize("case", list(_recent_op_cases()), ids=lambda case: case[0])
+def test_recent_onnx_ops_match_the_reference(case, tmp_path):
+    _, opset, nodes, inputs, outputs, feeds = case
+    model = make_model(nodes, inputs, outputs, opset=opset)
+    expected = _reference(model, feeds)
+    got = compile_and_load(model, tmp_path)(*feeds.values())
+    got = got if isinstance(got, tuple) else (got,)
+    for output, g, e in zip(outputs, got, expected):
+        assert g.dtype == e.dtype and g.shape == e.shape, (output.name, g.dtype, e.dtype)
+        assert np.allclose(g, e, rtol=1e-5, atol=1e-6), (output.name, max_abs(g, e))
