@@ -25,7 +25,8 @@ They replace TVM's converter of the same op type for the duration of an import.
   onnx_attention.py. Casts to and from float8, and float8 or blocked
   QuantizeLinear/DequantizeLinear: onnx_float8.py. The two losses: onnx_losses.py. RotaryEmbedding,
   SwiGLU, Swish, TensorScatter, BitCast, CumProd, Celu, ReverseSequence: onnx_recent_ops.py.
-  Scan is unrolled before import (onnx_scan.py).
+  CausalConvWithState and LinearAttention: onnx_linear_attention.py. Scan is unrolled before
+  import (onnx_scan.py).
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
 
 from graft.frontend import (onnx_attention, onnx_dft, onnx_extra_ops, onnx_float8,
-                            onnx_losses, onnx_recent_ops, onnx_recurrent, onnx_resize,
-                            onnx_runtime_axes, onnx_runtime_shapes, onnx_signal, onnx_vision)
+                            onnx_linear_attention, onnx_losses, onnx_recent_ops,
+                            onnx_recurrent, onnx_resize, onnx_runtime_axes, onnx_runtime_shapes,
+                            onnx_signal, onnx_vision)
 from graft.frontend.onnx_runtime_shapes import dim_tensor
 
 
@@ -379,4 +381,4 @@ CONVERTERS = {"Range": Range, "ConvTranspose": ConvTranspose,
               **onnx_resize.CONVERTERS, **onnx_signal.CONVERTERS, **onnx_vision.CONVERTERS,
               **onnx_extra_ops.CONVERTERS, **onnx_attention.CONVERTERS,
               **onnx_float8.CONVERTERS, **onnx_losses.CONVERTERS,
-              **onnx_recent_ops.CONVERTERS}
+              **onnx_recent_ops.CONVERTERS, **onnx_linear_attention.CONVERTERS}

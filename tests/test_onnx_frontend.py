@@ -902,3 +902,35 @@ def test_recent_onnx_ops_match_the_reference(case, tmp_path):
     for output, g, e in zip(outputs, got, expected):
         assert g.dtype == e.dtype and g.shape == e.shape, (output.name, g.dtype, e.dtype)
         assert np.allclose(g, e, rtol=1e-5, atol=1e-6), (output.name, max_abs(g, e))
+
+
+@pytest.mark.parametrize("rule", ["linear", "gated_delta"])
+def test_linear_attention_and_causal_conv_match_the_reference(rule, tmp_path):
+    """The opset-27 recurrent layers: LinearAttention with grouped heads and a past state
+    (per-head decay and beta for the gated delta rule), CausalConvWithState with a past state
+    and SiLU."""
+    f = TensorProto.FLOAT
+    info = helper.make_tensor_value_info
+    attention_inputs = ["q", "k", "v", "state"] + (["decay", "beta"] if rule != "linear" else [])
+    nodes = [helper.make_node("LinearAttention", attention_inputs, ["y", "new_state"],
+                              q_num_heads=4, kv_num_heads=2, update_rule=rule),
+             helper.make_node("CausalConvWithState", ["x", "w", "bias", "conv_state"],
+                              ["conv", "new_conv_state"], activation="silu")]
+    inputs = [info("q", f, [2, 5, 16]), info("k", f, [2, 5, 8]), info("v", f, [2, 5, 6]),
+              info("state", f, [2, 2, 4, 3])]
+    inputs += [info("decay", f, [2, 5, 2]), info("beta", f, [2, 5, 2])] if rule != "linear" else []
+    inputs += [info("x", f, [2, 3, 7]), info("w", f, [3, 1, 4]), info("bias", f, [3]),
+               info("conv_state", f, [2, 3, 3])]
+    model = make_model(nodes, inputs, [info("y", f, [2, 5, 12]), info("new_state", f, [2, 2, 4, 3]),
+                                       info("conv", f, [2, 3, 7]),
+                                       info("new_conv_state", f, [2, 3, 3])], opset=27)
+    rng = np.random.default_rng(27)
+    feeds = {i.name: rng.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim])
+             .astype(np.float32) for i in inputs}
+    if rule != "linear":
+        feeds["decay"] = -np.abs(feeds["decay"])
+        feeds["beta"] = 1 / (1 + np.exp(-feeds["beta"]))
+    expected = _reference(model, feeds)
+    got = compile_and_load(model, tmp_path)(*feeds.values())
+    for g, e in zip(got, expected):
+        assert g.shape == e.shape and np.allclose(g, e, rtol=1e-4, atol=1e-5), max_abs(g, e)
