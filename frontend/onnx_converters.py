@@ -76,12 +76,17 @@ class ConstantOfShape(tvm_onnx.ConstantOfShape):
     @classmethod
     def _impl_v9(cls, bb, inputs, attr, params):
         shape = tvm_onnx.get_constant(inputs[0], params)
+        value = attr.get("value")
+        scalar = np.asarray(tvm_onnx.get_numpy(value).reshape(()) if value is not None
+                            else np.float32(0))
         if isinstance(shape, tvm.ir.GenericConst) and shape.value.numpy().size == 0:
-            value = attr.get("value")
-            scalar = np.asarray(tvm_onnx.get_numpy(value).reshape(()) if value is not None
-                                else np.float32(0))
             return relax.const(scalar, str(scalar.dtype))
-        return super()._impl_v9(bb, inputs, attr, params)
+        if isinstance(shape, relax.ShapeExpr) or isinstance(shape, tvm.ir.GenericConst):
+            return super()._impl_v9(bb, inputs, attr, params)
+        # a shape tensor computed at run time: TVM's converter leaves a dataflow var in the type
+        dims = onnx_runtime_shapes.sizes_of(bb, inputs[0], params, "filled")
+        return relax.op.full(relax.ShapeExpr(dims), relax.const(scalar, str(scalar.dtype)),
+                             str(scalar.dtype))
 
 
 def _minus_zero_point(bb, value, zero_point, channel_axis=None):

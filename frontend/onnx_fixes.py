@@ -6,7 +6,7 @@ shape, Shape of a statically shaped tensor, arithmetic on those), and some of th
 break the importer (a rank-0 ConstantOfShape becomes broadcast_to(x, R.shape([]))). Here:
 
 1. ONNX shape inference with data propagation, so value shapes are known; a Scan of static
-   length is unrolled (onnx_scan.py);
+   length is unrolled (onnx_scan.py) and FlexAttention written out (onnx_flex_attention.py);
 2. `Shape` of a tensor whose shape is fully static becomes a constant;
 3. every node whose inputs are all constants is evaluated (onnx.reference) and replaced by a
    Constant, to a fixed point; Constants written with value_float(s)/value_int(s)/... become
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from graft.frontend import onnx_scan
+from graft.frontend import onnx_flex_attention, onnx_scan
 
 MAX_FOLDED_ELEMENTS = 1 << 16
 _NOT_FOLDED = {"Constant", "RandomNormal", "RandomUniform", "RandomNormalLike",
@@ -35,6 +35,9 @@ def apply(model, specs=None):
     model = _inferred(model)
     if any(node.op_type == "Scan" for node in model.graph.node):
         model = _inferred(onnx_scan.unroll_scans(_copy(model), _static_shapes(model.graph)))
+    if any(node.op_type == "FlexAttention" for node in model.graph.node):
+        model = _inferred(onnx_flex_attention.expand_flex_attention(
+            _copy(model), _static_shapes(model.graph)))
     model = _fold_static_shapes(model)
     return _ops_for_graft_converters(_plain_constants_in_subgraphs(_fold_constants(model)))
 

@@ -184,12 +184,13 @@ class Pad(tvm_onnx.Pad):
         data = bb.normalize(inputs[0])
         rank = data.ty.ndim
         axes = list(range(rank))
+        pads = bb.normalize(relax.op.astype(inputs[1], "int64"))
         if inputs[3] is not None:
             known = constant_values(inputs[3], params)
             if known is None:
-                raise NotImplementedError("Pad with axes given at run time")
-            axes = [int(a) + rank if a < 0 else int(a) for a in known.reshape(-1)]
-        pads = bb.normalize(relax.op.astype(inputs[1], "int64"))
+                pads = _pads_of_every_axis(bb, pads, inputs[3], rank)
+            else:
+                axes = [int(a) + rank if a < 0 else int(a) for a in known.reshape(-1)]
         fill = None
         if inputs[2] is not None and mode == "constant":
             fill = relax.op.astype(relax.op.reshape(inputs[2], ()), str(data.ty.dtype))
@@ -207,6 +208,22 @@ class Pad(tvm_onnx.Pad):
             data = _read_along(bb, data, axis, length, bb.normalize(before), mode, axis_fill)
         return data
 
+
+
+def _pads_of_every_axis(bb, pads, axes, rank):
+    """Pads for the axes listed at run time, [before..., after...], spread over every axis
+    (zero for the unlisted ones)."""
+    int64 = "int64"
+    axes = bb.normalize(relax.op.astype(axes, int64))
+    count = int(axes.ty.shape.values[0])
+    axes = relax.op.where(relax.op.less(axes, relax.const(0, int64)),
+                          relax.op.add(axes, relax.const(rank, int64)), axes)
+    listed = relax.op.astype(relax.op.equal(relax.op.expand_dims(axes, 1), relax.const(
+        np.arange(rank, dtype=np.int64), int64)), int64)  # [count, rank]
+    spread = [relax.op.sum(relax.op.multiply(listed, relax.op.expand_dims(
+        relax.op.strided_slice(pads, [0], [start], [start + count]), 1)), axis=0)
+        for start in (0, count)]
+    return bb.normalize(relax.op.concat(spread, axis=0))
 
 
 class ShapeAsTensor(tvm_onnx.OnnxOpConverter):

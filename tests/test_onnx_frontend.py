@@ -934,3 +934,34 @@ def test_linear_attention_and_causal_conv_match_the_reference(rule, tmp_path):
     got = compile_and_load(model, tmp_path)(*feeds.values())
     for g, e in zip(got, expected):
         assert g.shape == e.shape and np.allclose(g, e, rtol=1e-4, atol=1e-5), max_abs(g, e)
+
+
+def test_flex_attention_with_grouped_heads_and_modifier_graphs(tmp_path):
+    """ai.onnx.preview.FlexAttention, written out before import: 4 query heads over 2
+    key/value heads, a score_mod subgraph (tanh soft-capping with its own constant) and a
+    prob_mod subgraph, against onnx.reference."""
+    f = TensorProto.FLOAT
+    info = helper.make_tensor_value_info
+    cap = numpy_helper.from_array(np.array(2.0, np.float32), "cap")
+    score_mod = helper.make_graph(
+        [helper.make_node("Div", ["s", "cap"], ["d"]), helper.make_node("Tanh", ["d"], ["t"]),
+         helper.make_node("Mul", ["t", "cap"], ["capped"])], "score_mod",
+        [info("s", f, None)], [info("capped", f, None)], initializer=[cap])
+    prob_mod = helper.make_graph([helper.make_node("Sqrt", ["p"], ["root"])], "prob_mod",
+                                 [info("p", f, None)], [info("root", f, None)])
+    node = helper.make_node("FlexAttention", ["q", "k", "v"], ["y"], domain="ai.onnx.preview",
+                            score_mod=score_mod, prob_mod=prob_mod, scale=0.3)
+    graph = helper.make_graph([node], "g", [info("q", f, [2, 4, 5, 8]), info("k", f, [2, 2, 6, 8]),
+                                            info("v", f, [2, 2, 6, 3])],
+                              [info("y", f, [2, 4, 5, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23),
+                                                    helper.make_opsetid("ai.onnx.preview", 1)])
+    model.ir_version = 10
+    rng = np.random.default_rng(1)
+    feeds = {"q": rng.standard_normal((2, 4, 5, 8)), "k": rng.standard_normal((2, 2, 6, 8)),
+             "v": rng.standard_normal((2, 2, 6, 3))}
+    feeds = {k: v.astype(np.float32) for k, v in feeds.items()}
+    (expected,) = _reference(model, feeds)
+    got = compile_and_load(model, tmp_path)(*feeds.values())
+    assert got.shape == expected.shape and np.allclose(got, expected, atol=1e-5), \
+        max_abs(got, expected)
