@@ -111,7 +111,8 @@ def _attention(bb, inputs, attr):
             fill = relax.op.broadcast_to(relax.const(False) if str(mask.ty.dtype) == "bool"
                                          else _const(-np.inf, str(mask.ty.dtype)), fill_shape)
             mask = bb.normalize(relax.op.concat([mask, fill], axis=-1))
-        bias = _additive(mask, dtype) if str(mask.ty.dtype) == "bool" else mask
+        bias = (_additive(mask, dtype) if str(mask.ty.dtype) == "bool" else
+                mask if str(mask.ty.dtype) == dtype else relax.op.astype(mask, dtype))
 
     if nonpad_kv_seqlen is not None:
         nonpad_kv_seqlen = bb.normalize(relax.op.astype(nonpad_kv_seqlen, "int64"))
@@ -177,10 +178,13 @@ def _attention(bb, inputs, attr):
         softmax_dtype = str(onnx.helper.tensor_dtype_to_np_dtype(attr["softmax_precision"]))
         softmax_dtype = "bfloat16" if "bfloat16" in softmax_dtype else softmax_dtype
     logits = with_bias if softmax_dtype == dtype else relax.op.astype(with_bias, softmax_dtype)
-    if bias is None and softmax_dtype not in HALF_TYPES:
+    # a causal mask alone leaves every query row a key (the first): no row to guard
+    may_mask_a_row = (mask is not None or nonpad_kv_seqlen is not None or left_window >= 0
+                      or right_window >= 0)
+    if not may_mask_a_row and softmax_dtype not in HALF_TYPES:
         probs = relax.op.nn.softmax(logits, axis=-1)
     else:
-        probs = _masked_softmax(bb, logits, bias, softmax_dtype)
+        probs = _masked_softmax(bb, logits, bias if may_mask_a_row else None, softmax_dtype)
     probs = bb.normalize(probs)
     if mode == _QK_AFTER_SOFTMAX:
         qk_output = probs
