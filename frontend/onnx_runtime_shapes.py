@@ -1,6 +1,6 @@
 """ONNX ops whose output shape may be a value the graph computes or takes at run time (Expand,
-Pad, CenterCropPad, a Shape read as a tensor), fixes of TVM's IsInf, EyeLike and Trilu, and the
-helpers the other converter modules share.
+Pad, CenterCropPad, Reshape, TopK, OneHot, a Shape read as a tensor), fixes of TVM's IsInf,
+EyeLike and Trilu, and the helpers the other converter modules share.
 
 A crop's target shape, a padded length: when the value is a constant the converters use it as
 it is; otherwise it is read at run time (`tensor_to_shape`) and match_cast into fresh size
@@ -325,5 +325,6 @@ class OneHot(tvm_onnx.OnnxOpConverter):
         return relax.op.where(hot, on, off)
 
 
-CONVERTERS = {"Reshape": Reshape, "TopK": TopK, "OneHot": OneHot, "Expand": Expand, "CenterCropPad": CenterCropPad, "IsInf": IsInf, "EyeLike": EyeLike,
-              "Trilu": Trilu, "Pad": Pad, "ShapeAsTensor": ShapeAsTensor}
+CONVERTERS = {"Reshape": Reshape, "TopK": TopK, "OneHot": OneHot, "Expand": Expand,
+              "CenterCropPad": CenterCropPad, "IsInf": IsInf, "EyeLike": EyeLike, "Trilu": Trilu,
+              "Pad": Pad, "ShapeAsTensor": ShapeAsTensor}

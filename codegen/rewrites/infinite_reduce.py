@@ -3,7 +3,8 @@
 TVM's reductions start from the dtype's lowest finite value, so the max of a row that is all
 -inf (a fully masked attention row) comes out as -3.4e38, and a test `max == -inf`, which
 exported attention graphs use to find such rows, never fires. numpy, PyTorch and ONNX give
--inf. Integer types and reductions over an empty axis keep TVM's legalization.
+-inf. Other types (integers, float8, which has no infinity) and reductions over an empty axis
+keep TVM's legalization.
 """
 
 from __future__ import annotations
@@ -48,11 +49,14 @@ _MIN = te.comm_reducer(lambda a, b: tirx.Min(a, b), lambda dtype: tirx.const(flo
                        name="min")
 
 
+_WITH_INFINITY = ("float16", "bfloat16", "float32", "float64")
+
+
 def _legalize(reducer, topi_reduce):
     default = statistical._statistical(topi_reduce)
 
     def legalize(bb, call):
-        if "float" not in str(call.args[0].ty.dtype) or \
+        if str(call.args[0].ty.dtype) not in _WITH_INFINITY or \
                 statistical._has_const_zero_reduction_dim(call):
             return default(bb, call)
         return bb.call_te(functools.partial(_te_reduce, reducer), call.args[0], call.attrs.axis,
