@@ -20,6 +20,7 @@ from tvm import relax, tirx
 from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
 
 from graft.frontend.onnx_extra_ops import HALF_TYPES, matmul
+from graft.frontend.onnx_runtime_shapes import optional_input
 
 _QK_WITH_BIAS = 2
 _QK_AFTER_SOFTMAX = 3
@@ -64,7 +65,7 @@ class Attention(tvm_onnx.OnnxOpConverter):
 
 def _attention(bb, inputs, attr):
     query, key, value = (bb.normalize(inputs[i]) for i in range(3))
-    optional = [bb.normalize(inputs[i]) if len(inputs) > i and inputs[i] is not None else None
+    optional = [None if optional_input(inputs, i) is None else bb.normalize(inputs[i])
                 for i in range(3, 7)]
     mask, past_key, past_value, nonpad_kv_seqlen = optional
     dtype = str(query.ty.dtype)

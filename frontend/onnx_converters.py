@@ -40,7 +40,7 @@ from graft.frontend import (onnx_attention, onnx_dft, onnx_extra_ops, onnx_float
                             onnx_linear_attention, onnx_losses, onnx_recent_ops,
                             onnx_recurrent, onnx_resize, onnx_runtime_axes, onnx_runtime_shapes,
                             onnx_signal, onnx_vision)
-from graft.frontend.onnx_runtime_shapes import dim_tensor
+from graft.frontend.onnx_runtime_shapes import dim_tensor, optional_input
 
 
 def _int_or_symbolic(value):
@@ -123,10 +123,6 @@ def _float32(bb, scale):
         relax.op.astype(scale, "float32"))
 
 
-def _optional(inputs, index):
-    return inputs[index] if len(inputs) > index else None
-
-
 def _dtype(bb, expr) -> str:
     return str(bb.normalize(expr).ty.dtype.dtype)
 
@@ -137,8 +133,8 @@ class ConvInteger(tvm_onnx.OnnxOpConverter):
 
     @classmethod
     def _impl_v10(cls, bb, inputs, attr, params):
-        x = _minus_zero_point(bb, inputs[0], _optional(inputs, 2))
-        w = _minus_zero_point(bb, inputs[1], _optional(inputs, 3), channel_axis=0)
+        x = _minus_zero_point(bb, inputs[0], optional_input(inputs, 2))
+        w = _minus_zero_point(bb, inputs[1], optional_input(inputs, 3), channel_axis=0)
         return tvm_onnx.Conv._impl_v11(bb, [bb.normalize(x), bb.normalize(w), None], attr, params)
 
 
@@ -146,7 +142,7 @@ class QLinearConv(tvm_onnx.OnnxOpConverter):
     @classmethod
     def _impl_v10(cls, bb, inputs, attr, params):
         x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_zero_point = inputs[:8]
-        bias = _optional(inputs, 8)
+        bias = optional_input(inputs, 8)
         x_int = _minus_zero_point(bb, x, x_zero_point)
         w_int = _minus_zero_point(bb, w, w_zero_point, channel_axis=0)
         accumulator = bb.normalize(tvm_onnx.Conv._impl_v11(

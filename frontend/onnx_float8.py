@@ -18,6 +18,8 @@ import numpy as np
 from tvm import relax, te, tirx
 from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
 
+from graft.frontend.onnx_runtime_shapes import optional_input
+
 
 @dataclasses.dataclass(frozen=True)
 class Float8:
@@ -172,14 +174,31 @@ def _as_float32(bb, x):
     return cast(bb, x, "float32")
 
 
-class QuantizeLinear(tvm_onnx.QuantizeLinear):
+class _ConvertedFromOpset19:
+    """Opsets 19, 21 and 23 through the class's `_convert`, which falls back to TVM's
+    converter of that version (the next class in the MRO) for the cases it leaves to it."""
+
+    @classmethod
+    def _impl_v19(cls, bb, inputs, attr, params):
+        return cls._convert(super()._impl_v19, bb, inputs, attr, params)
+
+    @classmethod
+    def _impl_v21(cls, bb, inputs, attr, params):
+        return cls._convert(super()._impl_v21, bb, inputs, attr, params)
+
+    @classmethod
+    def _impl_v23(cls, bb, inputs, attr, params):
+        return cls._convert(super()._impl_v23, bb, inputs, attr, params)
+
+
+class QuantizeLinear(_ConvertedFromOpset19, tvm_onnx.QuantizeLinear):
     """float8 outputs (`saturate` as in Cast; ONNX applies no zero point to them) and blocked
     scales, computed as the ONNX reference does: round half to even of x / scale, plus the zero
     point, saturated to the integer type. Other cases stay with TVM's converter."""
 
     @classmethod
     def _target(cls, bb, inputs, attr):
-        zero_point = inputs[2] if len(inputs) > 2 and inputs[2] is not None else None
+        zero_point = optional_input(inputs, 2)
         if zero_point is not None:
             return str(bb.normalize(zero_point).ty.dtype)
         output_dtype = attr.get("output_dtype", 0)
@@ -198,26 +217,14 @@ class QuantizeLinear(tvm_onnx.QuantizeLinear):
         if target in FLOAT8:
             return cast(bb, scaled, target, bool(attr.get("saturate", 1)))
         rounded = relax.op.round(scaled)
-        if len(inputs) > 2 and inputs[2] is not None:
+        if optional_input(inputs, 2) is not None:
             zero_point = _as_float32(bb, _laid_out(bb, inputs[2], x, axis, block_size))
             rounded = relax.op.add(rounded, zero_point)
         info = np.iinfo(target)
         return relax.op.astype(relax.op.clip(rounded, int(info.min), int(info.max)), target)
 
-    @classmethod
-    def _impl_v19(cls, bb, inputs, attr, params):
-        return cls._convert(super()._impl_v19, bb, inputs, attr, params)
 
-    @classmethod
-    def _impl_v21(cls, bb, inputs, attr, params):
-        return cls._convert(super()._impl_v21, bb, inputs, attr, params)
-
-    @classmethod
-    def _impl_v23(cls, bb, inputs, attr, params):
-        return cls._convert(super()._impl_v23, bb, inputs, attr, params)
-
-
-class DequantizeLinear(tvm_onnx.DequantizeLinear):
+class DequantizeLinear(_ConvertedFromOpset19, tvm_onnx.DequantizeLinear):
     """float8 inputs and blocked scales: (x - zero_point) * scale, in float32, as the
     reference computes it, then in the scale's type (or `output_dtype`)."""
 
@@ -232,24 +239,12 @@ class DequantizeLinear(tvm_onnx.DequantizeLinear):
         output_dtype = attr.get("output_dtype", 0)
         out_dtype = str(tvm_onnx.get_type(output_dtype)) if output_dtype else str(scale.ty.dtype)
         value = _as_float32(bb, x)
-        zero_point = inputs[2] if len(inputs) > 2 and inputs[2] is not None else None
+        zero_point = optional_input(inputs, 2)
         if zero_point is not None and str(x.ty.dtype) not in FLOAT8:
             value = relax.op.subtract(value, _as_float32(bb, _laid_out(bb, zero_point, x, axis,
                                                                       block_size)))
         scale = _as_float32(bb, _laid_out(bb, scale, x, axis, block_size))
         return cast(bb, relax.op.multiply(value, scale), out_dtype)
-
-    @classmethod
-    def _impl_v19(cls, bb, inputs, attr, params):
-        return cls._convert(super()._impl_v19, bb, inputs, attr, params)
-
-    @classmethod
-    def _impl_v21(cls, bb, inputs, attr, params):
-        return cls._convert(super()._impl_v21, bb, inputs, attr, params)
-
-    @classmethod
-    def _impl_v23(cls, bb, inputs, attr, params):
-        return cls._convert(super()._impl_v23, bb, inputs, attr, params)
 
 
 CONVERTERS = {"Cast": Cast, "CastLike": CastLike, "QuantizeLinear": QuantizeLinear,

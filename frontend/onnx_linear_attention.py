@@ -8,9 +8,7 @@ from __future__ import annotations
 from tvm import relax, tirx
 from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
 
-
-def _optional(inputs, index):
-    return inputs[index] if len(inputs) > index and inputs[index] is not None else None
+from graft.frontend.onnx_runtime_shapes import optional_input
 
 
 def _text(value, default):
@@ -26,7 +24,7 @@ class CausalConvWithState(tvm_onnx.OnnxOpConverter):
     @classmethod
     def _impl_v27(cls, bb, inputs, attr, params):
         x, weight = bb.normalize(inputs[0]), bb.normalize(inputs[1])
-        bias, past = _optional(inputs, 2), _optional(inputs, 3)
+        bias, past = optional_input(inputs, 2), optional_input(inputs, 3)
         activation = _text(attr.get("activation"), "none")
         if activation not in ("none", "silu", "swish"):
             raise ValueError(f"CausalConvWithState activation {activation!r}: expected none, "
@@ -70,7 +68,7 @@ class LinearAttention(tvm_onnx.OnnxOpConverter):
     @classmethod
     def _impl_v27(cls, bb, inputs, attr, params):
         query, key, value = (bb.normalize(inputs[i]) for i in range(3))
-        past, decay, beta = (_optional(inputs, i) for i in (3, 4, 5))
+        past, decay, beta = (optional_input(inputs, i) for i in (3, 4, 5))
         rule = _text(attr.get("update_rule"), "gated_delta")
         gating, delta = rule in ("gated", "gated_delta"), rule in ("delta", "gated_delta")
         q_heads, kv_heads = attr["q_num_heads"], attr["kv_num_heads"]

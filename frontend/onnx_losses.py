@@ -11,6 +11,8 @@ from __future__ import annotations
 from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
 
+from graft.frontend.onnx_runtime_shapes import optional_input
+
 
 def negative_log_likelihood(bb, log_probs, target, weight, attr):
     """The loss of `log_probs` [N, C, d...] at the classes `target` [N, d...]."""
@@ -51,14 +53,10 @@ def negative_log_likelihood(bb, log_probs, target, weight, attr):
     return relax.op.divide(relax.op.sum(loss), relax.op.sum(weights))
 
 
-def _optional(inputs, index):
-    return inputs[index] if len(inputs) > index else None
-
-
 class NegativeLogLikelihoodLoss(tvm_onnx.OnnxOpConverter):
     @classmethod
     def _impl_v12(cls, bb, inputs, attr, params):
-        return negative_log_likelihood(bb, inputs[0], inputs[1], _optional(inputs, 2), attr)
+        return negative_log_likelihood(bb, inputs[0], inputs[1], optional_input(inputs, 2), attr)
 
 
 class SoftmaxCrossEntropyLoss(tvm_onnx.OnnxOpConverter):
@@ -67,7 +65,7 @@ class SoftmaxCrossEntropyLoss(tvm_onnx.OnnxOpConverter):
     @classmethod
     def _impl_v12(cls, bb, inputs, attr, params):
         log_probs = bb.normalize(relax.op.nn.log_softmax(inputs[0], axis=1))
-        loss = negative_log_likelihood(bb, log_probs, inputs[1], _optional(inputs, 2), attr)
+        loss = negative_log_likelihood(bb, log_probs, inputs[1], optional_input(inputs, 2), attr)
         if attr["tvm_custom"]["num_outputs"] == 2:
             return relax.Tuple([bb.normalize(loss), log_probs])
         return loss

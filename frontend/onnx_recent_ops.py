@@ -9,7 +9,7 @@ import numpy as np
 from tvm import relax, te, tirx, topi
 from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
 
-from graft.frontend.onnx_runtime_shapes import constant_values
+from graft.frontend.onnx_runtime_shapes import constant_values, dim_tensor, optional_input
 
 
 class Swish(tvm_onnx.OnnxOpConverter):
@@ -154,7 +154,7 @@ class TensorScatter(tvm_onnx.OnnxOpConverter):
         int64 = "int64"
         capacity = cache.ty.shape.values[axis]
         steps = update.ty.shape.values[axis]
-        if len(inputs) > 2 and inputs[2] is not None:
+        if optional_input(inputs, 2) is not None:
             start = bb.normalize(relax.op.astype(inputs[2], int64))
         else:
             start = bb.normalize(relax.op.zeros([cache.ty.shape.values[0]], int64))
@@ -163,22 +163,17 @@ class TensorScatter(tvm_onnx.OnnxOpConverter):
                                     [capacity if d == axis else 1 for d in range(rank)])
         offset = relax.op.subtract(position, start)
         if mode == "circular":
-            offset = relax.op.floor_mod(offset, _dim(capacity))
+            offset = relax.op.floor_mod(offset, dim_tensor(capacity))
         elif mode != "linear":
             raise ValueError(f"TensorScatter mode {mode!r}: expected linear or circular")
         offset = bb.normalize(offset)
         written = relax.op.logical_and(relax.op.greater_equal(offset, relax.const(0, int64)),
-                                       relax.op.less(offset, _dim(steps)))
+                                       relax.op.less(offset, dim_tensor(steps)))
         index = relax.op.clip(offset, 0, steps - 1)
         shape = list(cache.ty.shape.values)
         index = relax.op.broadcast_to(index, shape)
         read = relax.op.gather_elements(update, index, axis=axis)
         return relax.op.where(relax.op.broadcast_to(written, shape), read, cache)
-
-
-def _dim(value):
-    return relax.const(int(value), "int64") if isinstance(value, (int, tirx.IntImm)) else \
-        relax.op.reshape(relax.op.shape_to_tensor(relax.ShapeExpr([value])), ())
 
 
 class RotaryEmbedding(tvm_onnx.OnnxOpConverter):
@@ -190,7 +185,7 @@ class RotaryEmbedding(tvm_onnx.OnnxOpConverter):
     def _impl_v23(cls, bb, inputs, attr, params):
         x = bb.normalize(inputs[0])
         cos, sin = bb.normalize(inputs[1]), bb.normalize(inputs[2])
-        position_ids = inputs[3] if len(inputs) > 3 and inputs[3] is not None else None
+        position_ids = optional_input(inputs, 3)
         interleaved = bool(attr.get("interleaved", 0))
         rank = x.ty.ndim
         if rank == 4:

@@ -28,6 +28,11 @@ def constant_values(expr, params) -> np.ndarray | None:
     return None
 
 
+def optional_input(inputs, index):
+    """Input `index` of a node, or None where it is omitted (absent or given as '')."""
+    return inputs[index] if len(inputs) > index and inputs[index] is not None else None
+
+
 def sizes_of(bb, expr, params, name: str) -> list:
     """The int64 values of a 1-D (or scalar) integer tensor as shape dims: ints where they are
     known while importing, symbolic sizes read at run time otherwise."""
